@@ -1,0 +1,112 @@
+"""The hyperparameter search space, defined once.
+
+Katib's Experiment (``bincounter.k8s``) and the local optuna tuner
+(``bincounter.engines.local``) are both generated from ``SEARCH_SPACE``, so the
+two engines always search the same space. Each name is a training flag
+(``--lr`` and so on) of ``bincounter train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+# Katib's StdOut collector and optuna both maximise this metric, printed by
+# ``bincounter train`` each epoch as ``val-accuracy=0.55``.
+OBJECTIVE_METRIC = "val-accuracy"
+OBJECTIVE_GOAL = "maximize"
+# Printed beside the objective so Katib records them too.
+ADDITIONAL_METRICS = ("val-loss", "val-rmse", "train-loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One searched hyperparameter.
+
+    kind is "double" (float range, optionally log scale), "int" (integer range)
+    or "categorical" (a list of choices, kept as strings for Katib).
+    """
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: Sequence[Any] = ()
+
+    def __post_init__(self):
+        if self.kind not in ("double", "int", "categorical"):
+            raise ValueError(f"Invalid kind {self.kind!r} for {self.name}. Only double, int and categorical are supported.")
+        if self.kind == "categorical" and not self.choices:
+            raise ValueError(f"Categorical parameter {self.name} needs choices")
+        if self.kind != "categorical" and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"Parameter {self.name} needs low < high, got {self.low}..{self.high}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "categorical":
+            return str(value) in {str(c) for c in self.choices}
+        return self.low <= float(value) <= self.high
+
+
+# Ranges follow what worked for ResNet fine-tuning on ABID (published runs use
+# Adam at 1e-4..1e-3 and SGD at ~1e-2); batch size is per rank.
+SEARCH_SPACE: tuple[Param, ...] = (
+    Param("lr", "double", low=1e-4, high=1e-2, log=True),
+    Param("batch-size", "categorical", choices=(16, 32, 64)),
+    Param("optimizer", "categorical", choices=("adamw", "sgd")),
+    Param("weight-decay", "double", low=1e-6, high=1e-2, log=True),
+    Param("dropout", "double", low=0.0, high=0.5),
+)
+
+
+def by_name(name: str) -> Param:
+    for p in SEARCH_SPACE:
+        if p.name == name:
+            return p
+    raise KeyError(f"Unknown hyperparameter {name!r}. Known: {', '.join(p.name for p in SEARCH_SPACE)}")
+
+
+def to_katib_parameters(space: Sequence[Param] = SEARCH_SPACE) -> list[dict]:
+    """Katib ``spec.parameters`` entries (kubeflow.org/v1beta1 ParameterSpec)."""
+    out = []
+    for p in space:
+        if p.kind == "categorical":
+            out.append({"name": p.name, "parameterType": "categorical",
+                        "feasibleSpace": {"list": [str(c) for c in p.choices]}})
+        else:
+            feasible = {"min": _fmt(p.low), "max": _fmt(p.high)}
+            if p.log:
+                feasible["distribution"] = "logUniform"
+            out.append({"name": p.name, "parameterType": p.kind, "feasibleSpace": feasible})
+    return out
+
+
+def suggest_optuna(trial, space: Sequence[Param] = SEARCH_SPACE) -> dict[str, Any]:
+    """Ask an ``optuna.Trial`` for one value of every parameter."""
+    values: dict[str, Any] = {}
+    for p in space:
+        if p.kind == "categorical":
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+        else:
+            values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+    return values
+
+
+def to_train_args(values: dict[str, Any]) -> list[str]:
+    """Turn ``{"lr": 0.001, ...}`` into ``["--lr", "0.001", ...]`` for ``bincounter train``."""
+    args: list[str] = []
+    for name, value in values.items():
+        by_name(name)  # reject unknown names instead of passing them on silently
+        args += ["--" + name, str(value)]
+    return args
+
+
+def _fmt(x: float) -> str:
+    # Katib takes feasible-space bounds as strings; repr gives "0.0001", "1e-06".
+    return repr(float(x))

@@ -1,0 +1,173 @@
+"""Read and write local paths and ``s3://`` URIs through one small interface.
+
+Every function takes either a local path or an ``s3://bucket/key`` URI. S3 access
+honours the standard AWS configuration (credentials chain, region,
+``AWS_ENDPOINT_URL``); ``endpoint_url`` overrides the endpoint for any
+S3-compatible store, and ``unsigned=True`` reads public buckets anonymously.
+Writes are atomic: a local file appears under its final name only when complete
+(temp file + ``os.replace``), and an S3 ``PutObject`` is atomic by nature.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"Not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(S3_PREFIX):].partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI has no bucket: {uri!r}. Expected s3://BUCKET/KEY")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI."""
+    base = str(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for part in parts:
+            out += "/" + part.strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+@functools.lru_cache(maxsize=None)
+def s3_client(endpoint_url: str | None = None, unsigned: bool = False, max_attempts: int = 8):
+    """A boto3 S3 client; retries throttling and 5xx with exponential backoff (boto's standard mode).
+
+    ``endpoint_url=None`` falls back to ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, which boto3
+    reads itself. Clients are cached: they are thread-safe and costly to create.
+    """
+    import boto3
+    import botocore
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                    max_pool_connections=64)
+    if unsigned:
+        config = config.merge(Config(signature_version=botocore.UNSIGNED))
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def exists(uri: str, *, endpoint_url: str | None = None, unsigned: bool = False) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client(endpoint_url, unsigned).head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None, unsigned: bool = False) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client(endpoint_url, unsigned).get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
+    """Write ``data`` atomically: readers see the old object or the whole new one, never part."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_read(uri: str, *, endpoint_url: str | None = None, unsigned: bool = False) -> BinaryIO:
+    """A readable binary stream (S3 objects are streamed, not loaded whole)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client(endpoint_url, unsigned).get_object(Bucket=bucket, Key=key)["Body"]
+    return open(uri, "rb")
+
+
+def upload_file(local: str | os.PathLike, uri: str, *, endpoint_url: str | None = None) -> None:
+    """Copy a local file to ``uri`` (S3 multipart for large files, atomic rename locally)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client(endpoint_url).upload_file(str(local), bucket, key)
+        return
+    dest = Path(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | None = None,
+                  unsigned: bool = False) -> None:
+    """Copy ``uri`` to a local file atomically (no partial file under the final name)."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            s3_client(endpoint_url, unsigned).download_file(bucket, key, tmp)
+        else:
+            shutil.copyfile(uri, tmp)
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_files(prefix: str, *, endpoint_url: str | None = None, unsigned: bool = False) -> Iterator[tuple[str, int]]:
+    """Yield ``(relative_name, size)`` for every file under ``prefix``, recursively, sorted for S3.
+
+    Temp files left by an interrupted local write (``.NAME.*.part``) are skipped.
+    """
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        paginator = s3_client(endpoint_url, unsigned).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(key):], obj["Size"]
+        return
+    root = Path(prefix)
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".part")):
+            yield path.relative_to(root).as_posix(), path.stat().st_size
