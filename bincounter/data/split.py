@@ -1,0 +1,319 @@
+"""``bincounter split``: a downloaded ABID folder -> train/val/test WebDataset shards.
+
+Assignment is stratified by count (each class is shuffled with the seed and cut by the
+``--val``/``--test`` fractions), deterministic for a seed and disjoint by id; or it comes
+from the standard split files (``--val-ids random_val.txt`` or ``counting_val.json`` ...,
+see :func:`assign_from_files`). Every image is decoded, resized to ``--short-side`` and
+re-encoded as RGB JPEG; an unreadable one is skipped and reported, never written. All
+counts are kept (labels are the raw EXPECTED_QUANTITY); training decides what to do with
+counts above its ``max_count``. The output follows :mod:`bincounter.data.shards`, plus
+``class_distribution.json``, ``class_distribution.png`` and ``samples.png``.
+``manifest.json`` is written last, so a reader never sees a manifest naming missing shards.
+
+Why shards: at 536k images, training must read a few hundred large objects sequentially,
+not half a million small ones, and decoding 320 px images is several times cheaper than
+decoding the originals (see docs/benchmarks/data.md).
+
+Usage::
+
+    from bincounter.data.split import split
+    manifest = split("data/abid", out="s3://bucket/splits/v1", val=0.1, test=0.1, seed=0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bincounter import storage
+from bincounter.data import abid
+from bincounter.data.shards import MANIFEST, SPLITS
+
+FORMAT = "bincounter-shards/1"
+
+
+def load_source(source: str, *, endpoint_url: str | None = None) -> tuple[str, abid.ScanResult]:
+    """``(dataset_root, records)`` from a downloaded folder (scanned and validated) or its manifest.
+
+    A folder is listed and every metadata file parsed (authoritative, pairs checked). A
+    ``manifest.json`` written by ``bincounter download`` is trusted as is, which skips reading
+    half a million metadata files at full scale; images are still decoded while sharding.
+    """
+    if source.endswith(".json"):
+        doc = json.loads(storage.read_bytes(source, endpoint_url=endpoint_url))
+        if "records" not in doc:
+            raise ValueError(f"{source} is not a download manifest (no 'records'). Pass the download folder instead.")
+        root = source.rsplit("/", 1)[0] if "/" in source else "."
+        result = abid.ScanResult(
+            records=[abid.BinRecord(id=str(r["id"]), count=int(r["count"])) for r in doc["records"]],
+            skipped=[abid.Skipped(s["id"], s["reason"], s.get("detail", "")) for s in doc.get("skipped", [])])
+        return root, result
+    return source, abid.scan(source, endpoint_url=endpoint_url)
+
+
+def _check_fractions(val: float, test: float) -> None:
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
+
+
+def stratified(records: list[abid.BinRecord], fractions: dict[str, float], seed: int, rest: str = "train"
+               ) -> dict[str, list[abid.BinRecord]]:
+    """Cut each count class by ``fractions`` (e.g. ``{"val": .1, "test": .1}``); the rest goes to ``rest``."""
+    by_class: dict[int, list[abid.BinRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r.id):  # sorted first: the input order must not matter
+        by_class[r.count].append(r)
+    out: dict[str, list[abid.BinRecord]] = {rest: [], **{name: [] for name in fractions}}
+    for count, recs in sorted(by_class.items()):
+        random.Random(f"split:{seed}:{count}").shuffle(recs)
+        start = 0
+        for name, frac in fractions.items():
+            take = min(round(len(recs) * frac), len(recs) - start)
+            out[name] += recs[start:start + take]
+            start += take
+        out[rest] += recs[start:]
+    return out
+
+
+def assign_from_files(records: list[abid.BinRecord], *, train_ids: str | None, val_ids: str | None,
+                      test_ids: str | None, test: float, seed: int, endpoint_url: str | None = None
+                      ) -> tuple[dict[str, list[abid.BinRecord]], dict]:
+    """Assign by the standard split files (any format :func:`abid.read_id_file` reads).
+
+    val and test come from their files; train from its file, or, without one, every other
+    record (how ``random_val.txt`` is meant). The standard splits have no test set: without
+    ``test_ids``, test is a stratified ``test`` fraction carved from train. Returns the
+    assignment and notes: ids listed but not in the source, and labels that disagree with
+    the file (the metadata's EXPECTED_QUANTITY is kept as the label).
+    """
+    by_id = {r.id: r for r in records}
+    notes = {"listed_missing": {}, "label_disagreements": 0}
+    chosen: dict[str, list[abid.BinRecord]] = {s: [] for s in SPLITS}
+    taken: dict[str, str] = {}
+    for name, path in (("val", val_ids), ("test", test_ids), ("train", train_ids)):
+        if not path:
+            continue
+        listed = abid.read_id_file(path, endpoint_url=endpoint_url)
+        missing = 0
+        for id_, count in listed.items():
+            if id_ not in by_id:
+                missing += 1
+                continue
+            if id_ in taken:
+                if taken[id_] != name and not (name == "train"):
+                    raise ValueError(f"id {id_} is in both the {taken[id_]} and the {name} file; splits must be disjoint")
+                continue  # an id in val/test and in train belongs to val/test
+            taken[id_] = name
+            rec = by_id[id_]
+            if count is not None and count != rec.count:
+                notes["label_disagreements"] += 1
+            chosen[name].append(rec)
+        notes["listed_missing"][name] = missing
+    if not train_ids:
+        chosen["train"] = [r for r in records if r.id not in taken]
+    if not test_ids and test > 0:
+        carved = stratified(chosen["train"], {"test": test}, seed)
+        chosen["train"], chosen["test"] = carved["train"], carved["test"]
+    return chosen, notes
+
+
+def resize_jpeg(data: bytes, id: str, short_side: int, quality: int = 90) -> bytes:
+    """Decode, resize so the short side is ``short_side`` (never upscale), re-encode as RGB JPEG."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.format != "JPEG":
+            raise ValueError(f"format is {im.format}, not JPEG")
+        w, h = im.size
+        scale = short_side / min(w, h)
+        if scale < 1:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            im.draft("RGB", size)  # DCT-domain downscale while decoding: much cheaper for large JPEGs
+            im = im.convert("RGB").resize(size, Image.BICUBIC)
+        else:
+            im = im.convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    except Exception as e:
+        raise abid.RecordError(id, abid.UNREADABLE_JPEG, f"{type(e).__name__}: {e}") from None
+
+
+def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: str, short_side: int,
+                 shard_size: int, workers: int, endpoint_url: str | None, skipped: list[abid.Skipped],
+                 samples_for_grid: list) -> dict:
+    import webdataset as wds
+
+    def prepare(rec: abid.BinRecord):
+        try:
+            jpeg = storage.read_bytes(abid.image_uri(root, rec.id), endpoint_url=endpoint_url)
+            return rec, resize_jpeg(jpeg, rec.id, short_side)
+        except abid.RecordError as e:
+            return rec, abid.Skipped(e.id, e.code, e.detail)
+        except (FileNotFoundError, OSError) as e:
+            return rec, abid.Skipped(rec.id, abid.MISSING_OBJECT, str(e))
+        except Exception as e:  # botocore's NoSuchKey and friends
+            return rec, abid.Skipped(rec.id, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
+
+    shards, written = [], []
+    with ThreadPoolExecutor(max(1, workers)) as pool, tempfile.TemporaryDirectory() as tmp:
+        for start in range(0, len(records), shard_size):
+            rel = f"{name}/shard-{len(shards):06d}.tar"
+            local = Path(tmp, "shard.tar")
+            n = 0
+            with open(local, "wb") as f:
+                writer = wds.TarWriter(f, mtime=0.0)  # fixed mtime: same input, same shard bytes
+                for rec, res in pool.map(prepare, records[start:start + shard_size]):
+                    if isinstance(res, abid.Skipped):
+                        skipped.append(res)
+                        continue
+                    label = json.dumps({"id": rec.id, "count": rec.count}).encode()
+                    writer.write({"__key__": rec.id, "jpg": res, "json": label})
+                    written.append(rec.count)
+                    n += 1
+                    if len(samples_for_grid) < 16 and name == "train":
+                        samples_for_grid.append((rec.id, rec.count, res))
+                writer.close()
+            if n:
+                storage.upload_file(local, storage.join(out, rel), endpoint_url=endpoint_url)
+                shards.append(rel)
+    return {"shards": shards, "samples": len(written), "class_counts": abid.count_classes(written)}
+
+
+def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    classes = sorted({int(c) for s in splits.values() for c in s["class_counts"]})
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 3), 4))
+    width = 0.8 / len(SPLITS)
+    for k, name in enumerate(SPLITS):
+        cc = splits[name]["class_counts"]
+        ax.bar([c + (k - 1) * width for c in classes], [cc.get(str(c), 0) for c in classes], width, label=name)
+    ax.set(xlabel="items in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class distribution")
+    ax.set_xticks(classes)
+    ax.legend()
+    _save_fig(fig, storage.join(out, "class_distribution.png"), endpoint_url)
+
+    cols = 4
+    rows = max(1, (len(grid) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (id_, count, jpeg) in zip(axes.flat, grid):
+        ax.imshow(Image.open(io.BytesIO(jpeg)))
+        ax.set_title(f"{id_}: {count} items", fontsize=9)
+    _save_fig(fig, storage.join(out, "samples.png"), endpoint_url)
+
+
+def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue(), endpoint_url=endpoint_url)
+
+
+def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: int = 0,
+          short_side: int = 320, shard_size: int = 1000, train_ids: str | None = None,
+          val_ids: str | None = None, test_ids: str | None = None, workers: int = 4,
+          endpoint_url: str | None = None) -> dict:
+    """Split ``source`` (download folder or its manifest.json) into shards under ``out``; return the manifest."""
+    _check_fractions(val, test)
+    if shard_size < 1 or short_side < 1:
+        raise ValueError(f"--shard-size and --short-side must be >= 1, got {shard_size} and {short_side}")
+    t0 = time.perf_counter()
+    root, scanned = load_source(source, endpoint_url=endpoint_url)
+    notes: dict = {}
+    if train_ids or val_ids or test_ids:
+        assignment, notes = assign_from_files(scanned.records, train_ids=train_ids, val_ids=val_ids,
+                                              test_ids=test_ids, test=test, seed=seed, endpoint_url=endpoint_url)
+        how = "files"
+    else:
+        assignment = stratified(scanned.records, {"val": val, "test": test}, seed)
+        how = "stratified"
+    skipped = list(scanned.skipped)
+    grid: list = []
+    splits = {}
+    for name in SPLITS:
+        recs = assignment[name]
+        random.Random(f"order:{seed}:{name}").shuffle(recs)  # mix classes within every shard
+        splits[name] = _write_split(name, recs, root=root, out=out, short_side=short_side, shard_size=shard_size,
+                                    workers=workers, endpoint_url=endpoint_url, skipped=skipped,
+                                    samples_for_grid=grid)
+    skipped.sort(key=lambda s: s.id)
+    by_reason = abid.ScanResult(skipped=skipped).skipped_by_reason()
+    total: Counter = Counter()
+    for s in splits.values():
+        total.update({int(c): k for c, k in s["class_counts"].items()})
+    distribution = {"splits": {n: s["class_counts"] for n, s in splits.items()},
+                    "total": {str(c): total[c] for c in sorted(total)},
+                    "samples": {n: s["samples"] for n, s in splits.items()},
+                    "skipped": len(skipped), "skipped_by_reason": by_reason}
+    storage.write_bytes(storage.join(out, "class_distribution.json"),
+                        json.dumps(distribution, indent=2).encode(), endpoint_url=endpoint_url)
+    _plots(out, splits, grid, endpoint_url)
+    manifest = {"format": FORMAT, "source": str(source), "assignment": how, "seed": seed, "val": val,
+                "test": test, "train_ids": train_ids, "val_ids": val_ids, "test_ids": test_ids,
+                "short_side": short_side, "shard_size": shard_size, "splits": splits,
+                "skipped": [s.as_dict() for s in skipped], "skipped_by_reason": by_reason, **notes,
+                "files": {"class_distribution": "class_distribution.json",
+                          "class_distribution_png": "class_distribution.png", "samples_png": "samples.png"},
+                "seconds": round(time.perf_counter() - t0, 3)}
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=2).encode(),
+                        endpoint_url=endpoint_url)
+    return manifest
+
+
+def summary_text(manifest: dict) -> str:
+    """A short human-readable table of a split manifest (what `bincounter split` prints)."""
+    lines = [f"{'split':<6} {'samples':>8} {'shards':>6}  class counts"]
+    for name in SPLITS:
+        s = manifest["splits"][name]
+        lines.append(f"{name:<6} {s['samples']:>8} {len(s['shards']):>6}  {s['class_counts']}")
+    lines.append(f"skipped: {len(manifest['skipped'])} {manifest['skipped_by_reason']}")
+    return "\n".join(lines)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="downloaded ABID folder or s3:// prefix, or its manifest.json")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix for the shards")
+    p.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
+    p.add_argument("--test", type=float, default=0.1, help="test fraction per class (of train with --val-ids)")
+    p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed")
+    p.add_argument("--short-side", type=int, default=320, help="resize images so the short side is this many px")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--train-ids", default=None, help="standard split file for train (e.g. counting_train.json)")
+    p.add_argument("--val-ids", default=None, help="standard split file for val (random_val.txt, counting_val.json)")
+    p.add_argument("--test-ids", default=None, help="split file for test (default: carve --test from train)")
+    p.add_argument("--workers", type=int, default=4, help="parallel image readers/resizers")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    manifest = split(args.source, out=args.out, val=args.val, test=args.test, seed=args.seed,
+                     short_side=args.short_side, shard_size=args.shard_size, train_ids=args.train_ids,
+                     val_ids=args.val_ids, test_ids=args.test_ids, workers=args.workers,
+                     endpoint_url=args.endpoint_url)
+    print(summary_text(manifest))
+    print(f"manifest: {storage.join(args.out, MANIFEST)}")
+    return 0
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
