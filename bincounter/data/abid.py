@@ -115,8 +115,9 @@ def parse_metadata(data: bytes | str, id: str) -> BinRecord:
         raise RecordError(id, BAD_JSON, str(e)) from None
     if not isinstance(doc, dict):
         raise RecordError(id, BAD_JSON, f"top level is {type(doc).__name__}, expected an object")
-    if "EXPECTED_QUANTITY" not in doc or doc["EXPECTED_QUANTITY"] is None:
-        raise RecordError(id, MISSING_EXPECTED_QUANTITY)
+    if doc.get("EXPECTED_QUANTITY") is None:
+        raise RecordError(id, MISSING_EXPECTED_QUANTITY,
+                          "EXPECTED_QUANTITY is null" if "EXPECTED_QUANTITY" in doc else "no EXPECTED_QUANTITY key")
     count = doc["EXPECTED_QUANTITY"]
     if isinstance(count, bool) or not isinstance(count, int):
         raise RecordError(id, BAD_COUNT, f"EXPECTED_QUANTITY={count!r} is not an integer")
