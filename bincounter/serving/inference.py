@@ -63,7 +63,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         raise ImageError(f"the image is too large: {e}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(f"the image is {width}x{height} = {width * height} pixels, more than the limit of "
+        raise ImageError(f"the image is too large: {width}x{height} = {width * height} pixels, more than the limit of "
                          f"{max_pixels} pixels (decompression-bomb guard)")
     if width == 0 or height == 0:
         raise ImageError(f"the image has no pixels ({width}x{height})")

@@ -91,8 +91,6 @@ class BinCounterModel(kserve.Model):
                 f"Cannot load the model folder {self.model_dir!r}: {type(e).__name__}: {e}. It must hold model.pt "
                 f"and config.json as written by `bincounter train` (in KServe, the storageUri is mounted at "
                 f"{DEFAULT_MODEL_DIR}).") from e
-        # PIL's own bomb guard follows our limit too (it warns above it and refuses at 2x).
-        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         self.counter = Counter(model, config, runtime=self.runtime, max_image_pixels=self.max_image_pixels,
                                max_image_bytes=self.max_image_bytes)
         self.version = config.version
@@ -220,6 +218,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    # PIL's own bomb guard (a process-wide setting) follows our limit too; decode_image turns its
+    # warning above the limit into an error, so no pixel of a too-large image is decoded.
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     model = BinCounterModel(args.model_name, args.model, runtime=args.runtime, max_batch_size=args.max_batch_size,

@@ -1,0 +1,425 @@
+"""The model server, run for real: `bincounter serve` on a free localhost port, queried over HTTP.
+
+The model is a randomly initialised ResNet18 at a small input size (serving does not
+need a trained model; it needs answers that match a direct forward pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bincounter.model import ModelConfig, build_model, load_model_dir, save_model_dir
+from bincounter.presets import eval_transform
+from bincounter.serving import client as serving_client
+from bincounter.serving import server as serving_server
+from bincounter.serving.server import BinCounterModel, ModelLoadError
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "bincounter"
+MAX_BATCH = 8
+MAX_PIXELS = 4_000_000
+VERSION = "3"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def jpeg(width: int = 48, height: int = 40, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bomb_jpeg(width: int = 60000, height: int = 60000) -> bytes:
+    """A tiny real JPEG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    data = bytearray(jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")  # baseline SOF0: length(2) precision(1) height(2) width(2)
+    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def v1_body(images: list[bytes]) -> dict:
+    return {"instances": [{"image": {"b64": b64(x)}} for x in images]}
+
+
+def v2_body(images: list[bytes]) -> dict:
+    return {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(x) for x in images]}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference_probs(model_dir: str, images: list[bytes]) -> np.ndarray:
+    """A direct forward pass: PIL decode, the eval transform, the network, softmax."""
+    model, cfg = load_model_dir(model_dir)
+    tf = eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std)
+    batch = torch.stack([tf(Image.open(io.BytesIO(x)).convert("RGB")) for x in images])
+    with torch.inference_mode():
+        return torch.softmax(model(batch), dim=1).numpy()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    # 64 px input keeps the forward pass cheap on 2 cores; serving is resolution-agnostic.
+    save_model_dir(build_model("resnet18", 6), ModelConfig(arch="resnet18", max_count=5, k_or_more=True,
+                                                           input_size=64, resize_size=72, version=VERSION), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory) -> str:
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "bincounter.cli", "serve", "--model", model_dir, "--model-name", MODEL_NAME,
+           "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--max-image-pixels", str(MAX_PIXELS),
+           "--enable_latency_logging", "false"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not ready in 120 s:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def sample_jpegs(request) -> list[bytes]:
+    """Four real ABID photos (different sizes and counts)."""
+    try:
+        root = Path(request.getfixturevalue("sample_dir"))
+    except pytest.FixtureLookupError:  # conftest not there yet: the in-repo copy, then the shared one
+        root = next((p for p in (REPO / "tests/data/abid-sample", Path("/work/shared/abid-sample")) if p.is_dir()),
+                    REPO / "tests/data/abid-sample")
+    paths = [root / f"{i}.jpg" for i in ("00004", "00013", "00036", "00055")]
+    return [p.read_bytes() for p in paths]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_health_and_readiness(http):
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    assert http.get(f"/v1/models/{MODEL_NAME}").json() == {"name": MODEL_NAME, "ready": True}
+    assert http.get(f"/v2/models/{MODEL_NAME}/ready").json() == {"name": MODEL_NAME, "ready": True}
+    meta = http.get(f"/v2/models/{MODEL_NAME}").json()
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"] for o in meta["outputs"]} == {"count", "label", "confidence", "probabilities"}
+    assert http.get("/v1/models/other").status_code == 404
+
+
+# ---------------------------------------------------------------- answers match a direct forward pass
+
+
+def test_v1_predict_matches_direct_forward(http, model_dir, sample_jpegs):
+    images = sample_jpegs + [jpeg(48, 40, seed=1), jpeg(300, 200, seed=2)]
+    r = http.post(f"/v1/models/{MODEL_NAME}:predict", json=v1_body(images))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == MODEL_NAME and body["model_version"] == VERSION
+    assert body["classes"] == ["0", "1", "2", "3", "4", "5+"]
+    preds = body["predictions"]
+    assert len(preds) == len(images)
+    ref = reference_probs(model_dir, images)
+    for p, want in zip(preds, ref):
+        assert set(p) == {"count", "label", "confidence", "probabilities"}
+        np.testing.assert_allclose(p["probabilities"], want, atol=1e-5)
+        assert p["count"] == int(want.argmax())
+        assert p["label"] == body["classes"][p["count"]]
+        assert p["confidence"] == pytest.approx(float(want.max()), abs=1e-5)
+
+
+def test_v2_infer_matches_direct_forward(http, model_dir, sample_jpegs):
+    images = [jpeg(64, 64, seed=3)] + sample_jpegs[:2]
+    body = v2_body(images)
+    body["id"] = "req-42"
+    r = http.post(f"/v2/models/{MODEL_NAME}/infer", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["model_name"] == MODEL_NAME and answer["model_version"] == VERSION and answer["id"] == "req-42"
+    assert json.loads(answer["parameters"]["classes"]) == ["0", "1", "2", "3", "4", "5+"]
+    out = {o["name"]: o for o in answer["outputs"]}
+    assert out["count"]["datatype"] == "INT64" and out["count"]["shape"] == [3]
+    assert out["probabilities"]["datatype"] == "FP32" and out["probabilities"]["shape"] == [3, 6]
+    ref = reference_probs(model_dir, images)
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(3, 6), ref, atol=1e-5)
+    assert out["count"]["data"] == ref.argmax(axis=1).tolist()
+    np.testing.assert_allclose(out["confidence"]["data"], ref.max(axis=1), atol=1e-5)
+    assert out["label"]["data"] == [["0", "1", "2", "3", "4", "5+"][k] for k in ref.argmax(axis=1)]
+
+
+def test_kserve_rest_client(server, model_dir, sample_jpegs):
+    """KServe's own Python client, V2 (InferRequest/InferResponse) and V1 (dict)."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    images = sample_jpegs[2:]
+    ref = reference_probs(model_dir, images)
+
+    async def query():
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        v1 = InferenceRESTClient(RESTConfig(protocol="v1", retries=0, timeout=30))
+        try:
+            tensor = InferInput(name="image", shape=[len(images)], datatype="BYTES")
+            tensor.set_data_from_numpy(np.array([b64(x) for x in images], dtype=object), binary_data=False)
+            res2 = await v2.infer(server, InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]),
+                                  model_name=MODEL_NAME)
+            res1 = await v1.infer(server, v1_body(images), model_name=MODEL_NAME)
+            return res2, res1
+        finally:
+            await v2.close()
+            await v1.close()
+
+    res2, res1 = asyncio.run(query())
+    assert res2.model_name == MODEL_NAME  # (InferResponse.from_rest drops model_version)
+    np.testing.assert_allclose(res2.get_output_by_name("probabilities").as_numpy(), ref, atol=1e-5)
+    assert res2.get_output_by_name("count").as_numpy().tolist() == ref.argmax(axis=1).tolist()
+    np.testing.assert_allclose([p["probabilities"] for p in res1["predictions"]], ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input: 4xx naming the problem, then service as usual
+
+V1 = f"/v1/models/{MODEL_NAME}:predict"
+V2 = f"/v2/models/{MODEL_NAME}/infer"
+JSON = {"Content-Type": "application/json"}
+
+
+def _truncated() -> bytes:
+    data = jpeg(200, 160, seed=5)
+    return data[: len(data) // 2]
+
+
+BAD_REQUESTS = {
+    "v1 malformed json": (V1, b'{"instances": [', 400, "Unrecognized request format"),
+    "v2 malformed json": (V2, b'{"inputs": [', 422, "JSON decode error"),
+    "v1 not json at all": (V1, b"\xff\xd8 raw jpeg bytes", 400, "Unrecognized request format"),
+    "v1 invalid base64": (V1, {"instances": [{"image": {"b64": "not*base64!"}}]}, 400, "instances[0].image.b64 is not valid base64"),
+    "v2 invalid base64": (V2, {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}, 400, "image[0] is not valid base64"),
+    "v1 not an image": (V1, v1_body([b"hello, I am text"]), 400, "image 0: the bytes are not an image"),
+    "v2 not an image": (V2, v2_body([jpeg(), b"GIF89a"]), 400, "image 1: the bytes are not an image"),
+    "v1 truncated jpeg": (V1, v1_body([_truncated()]), 400, "truncated or corrupt"),
+    "v2 truncated jpeg": (V2, v2_body([_truncated()]), 400, "truncated or corrupt"),
+    "v1 decompression bomb": (V1, v1_body([bomb_jpeg()]), 400, "image 0: the image is too large"),
+    "v2 decompression bomb": (V2, v2_body([bomb_jpeg(4000, 3000)]), 400, "image 0: the image is too large"),
+    "v1 empty batch": (V1, {"instances": []}, 400, "empty batch"),
+    "v2 empty batch": (V2, {"inputs": [{"name": "image", "shape": [0], "datatype": "BYTES", "data": []}]}, 400, "empty batch"),
+    "v1 oversized batch": (V1, v1_body([jpeg(8, 8)] * (MAX_BATCH + 1)), 400, f"batch of {MAX_BATCH + 1} images is larger than the limit of {MAX_BATCH}"),
+    "v2 oversized batch": (V2, v2_body([jpeg(8, 8)] * (MAX_BATCH + 1)), 400, "is larger than the limit"),
+    "v1 wrong instance shape": (V1, {"instances": [{"b64": "aGk="}]}, 400, 'instances[0] must be {"image"'),
+    "v1 no instances": (V1, {"inputs": []}, 400, "'instances' list"),
+    "v2 wrong datatype": (V2, {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "exactly one BYTES input"),
+    "v2 shape mismatch": (V2, {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]}, 400, "has shape [2] but 1 elements"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_4xx_then_service_continues(http, case):
+    path, body, status, message = BAD_REQUESTS[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=content, headers=JSON)
+    assert r.status_code == status, r.text
+    assert message in (r.json().get("error") or r.text)  # KServe: {"error": ...}; FastAPI's 422: {"detail": ...}
+    good = http.post(path, json=(v1_body if path == V1 else v2_body)([jpeg(seed=7)]))
+    assert good.status_code == 200, good.text
+
+
+def test_health_answers_during_a_forward_pass(http, server):
+    """Predict runs off the event loop: liveness answers while a full batch is being decoded and run."""
+    big = [jpeg(1600, 1200, seed=s) for s in range(MAX_BATCH)]
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(httpx.post, f"{server}{V1}", json=v1_body(big), timeout=60)
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        live = httpx.get(f"{server}/v2/health/live", timeout=30)
+        live_s = time.perf_counter() - t0
+        predict = job.result()
+        assert predict.status_code == 200
+    assert live.status_code == 200
+    assert live_s < 1.0, f"liveness took {live_s:.2f} s while predicting"
+
+
+# ---------------------------------------------------------------- load
+
+
+def test_concurrent_clients_zero_errors(server):
+    """16 concurrent clients x 50 requests each, V1 and V2 mixed."""
+    images = [jpeg(32, 32, seed=s) for s in range(4)]
+    bodies = {V1: v1_body(images[:1]), V2: v2_body(images[1:3])}
+
+    def client(i: int) -> list[str]:
+        errors = []
+        with httpx.Client(base_url=server, timeout=60) as c:
+            for k in range(50):
+                path = V1 if (i + k) % 2 else V2
+                r = c.post(path, json=bodies[path])
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+        return errors
+
+    with ThreadPoolExecutor(16) as pool:
+        errors = [e for errs in pool.map(client, range(16)) for e in errs]
+    assert errors == []
+
+
+# ---------------------------------------------------------------- load() fails fast
+
+
+def test_load_fails_fast_on_a_bad_folder(tmp_path, model_dir):
+    missing = BinCounterModel(MODEL_NAME, str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match=r"nope.*No config.json"):
+        missing.load()
+    assert not missing.ready
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text(Path(model_dir, "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="No model.pt"):
+        BinCounterModel(MODEL_NAME, str(incomplete)).load()
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"arch": "resnet18", "colour": "red"}))
+    (unknown / "model.pt").write_bytes(Path(model_dir, "model.pt").read_bytes())
+    with pytest.raises(ModelLoadError, match="Unknown keys.*colour"):
+        BinCounterModel(MODEL_NAME, str(unknown)).load()
+
+    # The entrypoint reports it and exits non-zero instead of serving an unready model.
+    args = serving_server.get_args_parser().parse_args(["--model", str(tmp_path / "nope"), "--port", "1"])
+    assert serving_server.main(args) == 1
+
+
+def test_load_sets_ready_last(model_dir):
+    model = BinCounterModel(MODEL_NAME, model_dir)
+    assert not model.ready
+    assert model.load() is True and model.ready and model.version == VERSION
+
+
+def test_serve_flags_map_onto_kserve():
+    args = serving_server.get_args_parser().parse_args(["--model", "/m", "--model-name", "x", "--port", "9000"])
+    assert (args.model, args.model_name, args.http_port, args.enable_grpc) == ("/m", "x", 9000, False)
+    defaults = serving_server.get_args_parser().parse_args([])
+    assert (defaults.model, defaults.model_name, defaults.http_port) == ("/mnt/models", "bincounter", 8080)
+
+
+# ---------------------------------------------------------------- client
+
+
+def test_predict_cli_prints_count_per_image(server, model_dir, sample_jpegs, tmp_path, capsys):
+    paths = []
+    for i, data in enumerate(sample_jpegs[:3]):
+        paths.append(tmp_path / f"bin{i}.jpg")
+        paths[-1].write_bytes(data)
+    ref = reference_probs(model_dir, sample_jpegs[:3])
+    for protocol in ("v1", "v2"):
+        args = serving_client.get_args_parser().parse_args(
+            [*map(str, paths), "--url", server, "--protocol", protocol, "--batch-size", "2"])
+        assert serving_client.main(args) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 3
+        for line, path, want in zip(lines, paths, ref):
+            label = ["0", "1", "2", "3", "4", "5+"][int(want.argmax())]
+            assert line.startswith(f"{path}\tcount={label}\tconfidence={want.max():.3f}\tmodel_version={VERSION}")
+
+
+def test_predict_library_returns_structured_results(server, model_dir, sample_jpegs):
+    ref = reference_probs(model_dir, sample_jpegs)
+    for protocol in ("v1", "v2"):
+        results = serving_client.predict(sample_jpegs, url=server, protocol=protocol, names=list("abcd"))
+        assert [r.image for r in results] == list("abcd")
+        np.testing.assert_allclose([r.probabilities for r in results], ref, atol=1e-5)
+        assert [r.count for r in results] == ref.argmax(axis=1).tolist()
+        assert all(r.model_version == VERSION for r in results)
+    with pytest.raises(serving_client.PredictError, match="400.*not an image"):
+        serving_client.predict([b"nope"], url=server)
+    with pytest.raises(serving_client.PredictError, match="404"):
+        serving_client.predict([jpeg()], url=server, model_name="other")
+
+
+def test_predict_sends_token_and_host_header():
+    """Inside Kubeflow the ingress needs the bearer token and the InferenceService's host."""
+    seen = {}
+
+    def ingress(request: httpx.Request) -> httpx.Response:
+        seen.update(url=str(request.url), auth=request.headers.get("authorization"), host=request.headers.get("host"))
+        return httpx.Response(200, json={"predictions": [{"count": 2, "label": "2", "confidence": 0.9,
+                                                          "probabilities": [0, 0, 0.9, 0.1, 0, 0]}],
+                                         "model_version": "5"})
+
+    with httpx.Client(transport=httpx.MockTransport(ingress)) as c:
+        [r] = serving_client.predict([jpeg()], url="http://gateway.local/", token="T0K",
+                                     host_header="bincounter.team.example.com", client=c)
+    assert seen == {"url": "http://gateway.local/v1/models/bincounter:predict", "auth": "Bearer T0K",
+                    "host": "bincounter.team.example.com"}
+    assert (r.count, r.model_version) == (2, "5")
+
+
+# ---------------------------------------------------------------- decoding, without a server
+
+
+def test_decode_image_guards():
+    from bincounter.serving.inference import ImageError, decode_image
+
+    assert decode_image(jpeg(30, 20)).size == (30, 20)
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(ImageError, match="too large: 100x100 = 10000 pixels, more than the limit of 5000"):
+        decode_image(jpeg(100, 100), max_pixels=5000)
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(bomb_jpeg())  # PIL's default limit, ~4 Gpx claimed by a 1 kB file
+    with pytest.raises(ImageError, match="more than the limit of 100 bytes"):
+        decode_image(jpeg(), max_bytes=100)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(_truncated())
+    png = io.BytesIO()
+    Image.new("L", (10, 10)).save(png, "PNG")
+    assert decode_image(png.getvalue()).mode == "RGB"
