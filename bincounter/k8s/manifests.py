@@ -67,8 +67,13 @@ def trainer_v2_files() -> dict[str, list[dict]]:
                                          nproc_per_node=1, resources=GPU_NODE)]}
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # plain YAML for people: never &id001 anchors
+        return True
+
+
 def _dump(objs: list[dict]) -> str:
-    return HEADER + "---\n".join(yaml.safe_dump(obj, sort_keys=False, width=120) for obj in objs)
+    return HEADER + "---\n".join(yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120) for obj in objs)
 
 
 def _kustomization(resources: list[str], comment: str) -> str:

@@ -12,6 +12,7 @@ They never talk to a cluster.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -255,7 +256,7 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
         node_selector=node_selector, tolerations=tolerations, shm_size=shm_size)
     replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if workers > 1:
-        replicas["Worker"] = {"replicas": workers - 1, "restartPolicy": "ExitCode", "template": template}
+        replicas["Worker"] = {"replicas": workers - 1, "restartPolicy": "ExitCode", "template": copy.deepcopy(template)}
     run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": backoff_limit,
                                   "ttlSecondsAfterFinished": ttl_seconds_after_finished}
     if active_deadline_seconds:
