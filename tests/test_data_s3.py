@@ -1,0 +1,191 @@
+"""Against a real S3 endpoint (moto server mode): synth -> S3 -> download -> split -> shards, resume, selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bincounter import cli, storage
+from bincounter.data import abid, shards
+from bincounter.data.download import download, resolve_unsigned
+from bincounter.data.split import split
+from bincounter.data.synth import make_record, synthesize
+
+from test_data_abid import _as_abid_layout, write_bad_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _upload_tree(local: Path, uri: str) -> None:
+    for rel, _ in storage.list_files(str(local)):
+        storage.upload_file(local / rel, storage.join(uri, rel))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_synth_upload_download_split_read_back(s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}/abid"
+    made = synthesize(src, images=48, max_count=4, seed=5, workers=4)
+    dest = tmp_path / "downloaded"
+    assert cli.main(["download", "--source", src, "--dest", str(dest), "--workers", "8", "--no-progress"]) == 0
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["selected"] == 48 and summary["class_counts"] == made["class_counts"]
+    assert summary["objects_fetched"] == 96 and summary["skipped"] == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for rec in manifest["records"]:  # id, count, bytes match what is on disk and in S3
+        assert rec["bytes"] == (dest / "bin-images" / f"{rec['id']}.jpg").stat().st_size
+        assert storage.read_bytes(abid.image_uri(src, rec["id"])) == (dest / "bin-images" / f"{rec['id']}.jpg").read_bytes()
+
+    out = f"s3://{s3_bucket}/split"  # shards go to S3 and are streamed back from it
+    split(str(dest / "manifest.json"), out=out, val=0.25, test=0.25, seed=1, short_side=64, shard_size=10)
+    truth = {r["id"]: r["count"] for r in manifest["records"]}
+    seen: dict[str, int] = {}
+    counts: dict[str, dict] = {}
+    for name in shards.SPLITS:
+        samples = [s for uri in shards.shard_uris(out, name) for s in shards.iter_shard(uri)]
+        assert not (seen.keys() & {s.id for s in samples})
+        seen.update({s.id: s.count for s in samples})
+        counts[name] = abid.count_classes(s.count for s in samples)
+        assert shards.read_manifest(out)["splits"][name]["class_counts"] == counts[name]
+    assert seen == truth
+    dist = json.loads(storage.read_bytes(f"{out}/class_distribution.json"))
+    assert dist["total"] == made["class_counts"] and dist["splits"] == counts
+
+
+def test_interrupted_download_resumes_without_refetching(s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}/abid"
+    n = 160
+    synthesize(src, images=n, max_count=5, seed=2, workers=8)
+    dest = tmp_path / "dl"
+    cmd = [sys.executable, "-m", "bincounter.cli", "download", "--source", src, "--dest", str(dest),
+           "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((dest / "bin-images").glob("*.jpg"))) >= 20 if (dest / "bin-images").is_dir() else False:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (dest / "manifest.json").exists()  # it really was cut off midway
+    # a torn write from a crash, as storage.write_bytes names it, must not survive the rerun
+    (dest / "bin-images" / ".00003.jpg.x1y2.part").write_bytes(b"\xff\xd8 torn")
+
+    before = {k: v for k, v in _files(dest).items() if not k.rsplit("/", 1)[-1].startswith(".")}
+    assert 0 < len(before) < 2 * n
+    for rel, data in before.items():  # whatever has its final name is complete
+        assert data == storage.read_bytes(f"{src}/{rel}"), rel
+
+    summary = download(dest=str(dest), source=src, workers=4, progress=False)
+    assert summary["selected"] == n and summary["skipped"] == 0
+    assert summary["objects_unchanged"] == len(before)  # 304s: nothing complete was fetched again
+    assert summary["objects_fetched"] == 2 * n - len(before)
+    assert summary["partials_removed"] >= 1
+    after = _files(dest)
+    assert not [k for k in after if k.endswith(".part")]
+    for rel in (f"bin-images/{i + 1:05d}.jpg" for i in range(n)):
+        assert after[rel] == storage.read_bytes(f"{src}/{rel}")
+
+    again = download(dest=str(dest), source=src, workers=4, progress=False)
+    assert again["objects_fetched"] == 0 and again["objects_unchanged"] == 2 * n
+
+    # a changed source object is fetched again (ETag differs), nothing else
+    _, jpeg, _, _ = make_record(99, 0, 5)
+    storage.write_bytes(f"{src}/bin-images/00007.jpg", jpeg)
+    changed = download(dest=str(dest), source=src, workers=4, progress=False)
+    assert changed["objects_fetched"] == 1 and (dest / "bin-images" / "00007.jpg").read_bytes() == jpeg
+
+
+def test_download_skips_and_reports_bad_records(s3_bucket, tmp_path):
+    expected = write_bad_records(tmp_path / "src")
+    _upload_tree(tmp_path / "src", f"s3://{s3_bucket}")
+    summary = download(dest=str(tmp_path / "dl"), source=f"s3://{s3_bucket}", workers=4, progress=False)
+    reasons = {s["id"]: s["reason"] for s in json.loads((tmp_path / "dl" / "manifest.json").read_text())["skipped"]}
+    # candidates come from the metadata listing, so an image without metadata is never selected
+    expected.pop("90006")
+    assert reasons == expected
+    assert summary["selected"] == 6 and summary["skipped_by_reason"][abid.UNREADABLE_JPEG] == 2
+    # nothing of a bad record reaches the destination, so nothing can be mislabelled later
+    for sub in ("bin-images", "metadata"):
+        assert {p.stem for p in (tmp_path / "dl" / sub).iterdir()} == {f"{i + 1:05d}" for i in range(6)}
+
+
+def test_split_file_selection_over_s3_with_real_images(s3_bucket, sample_dir, tmp_path):
+    _upload_tree(_as_abid_layout(sample_dir, tmp_path / "abid"), f"s3://{s3_bucket}")
+    listed = abid.read_id_file(str(sample_dir / "splits" / "counting_train.json"))
+    summary = download(dest=str(tmp_path / "dl"), source=f"s3://{s3_bucket}", workers=4, progress=False,
+                       split_files=[str(sample_dir / "splits" / "counting_train.json")], max_count=3)
+    records = json.loads((tmp_path / "dl" / "manifest.json").read_text())["records"]
+    assert {r["id"]: r["count"] for r in records} == {i: c for i, c in listed.items() if c <= 3}
+    # counts known from the split file filter before any request: only kept bins cost requests
+    assert summary["filtered_out"] == sum(c > 3 for c in listed.values())
+    assert summary["objects_fetched"] == 2 * summary["selected"]
+
+
+def test_file_list_selects_exactly_its_ids(sample_dir, tmp_path):
+    file_list = abid.read_id_file(str(sample_dir / "file_list.json"))
+    chosen = {}
+    for cls in (1, 2, 3, 4, 5):
+        chosen.update({i: cls for i in [i for i, c in file_list.items() if c == cls][:3]})
+    src = tmp_path / "bucket"
+    for k, (id_, cls) in enumerate(list(chosen.items()) + [("00002", 2), ("2", 2), ("535234", 1)]):
+        _, jpeg, _, _ = make_record(11, k, 5)
+        storage.write_bytes(abid.image_uri(str(src), id_), jpeg)
+        storage.write_bytes(abid.metadata_uri(str(src), id_),
+                            json.dumps({"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": cls}).encode())
+    summary = download(dest=str(tmp_path / "dl"), source=str(src), file_list=str(sample_dir / "file_list.json"),
+                       workers=4, progress=False)
+    records = json.loads((tmp_path / "dl" / "manifest.json").read_text())["records"]
+    assert {r["id"]: r["count"] for r in records} == chosen  # decoys 00002, 2 and 535234 are not in the list
+    assert summary["skipped"] == len(file_list) - len(chosen)
+    assert summary["skipped_by_reason"] == {abid.MISSING_OBJECT: len(file_list) - len(chosen)}
+
+
+def test_limit_and_max_count_read_metadata_first(s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}"
+    made = synthesize(src, images=40, max_count=6, seed=8, workers=4)
+    summary = download(dest=str(tmp_path / "dl"), source=src, max_count=2, limit=7, workers=3, progress=False)
+    assert summary["selected"] == 7 and set(map(int, summary["class_counts"])) <= {0, 1, 2}
+    # images are fetched only for kept bins: at most one in-flight overshoot per worker
+    images = list((tmp_path / "dl" / "bin-images").glob("*.jpg"))
+    assert len(images) == 7
+    assert summary["objects_fetched"] - 7 <= 40  # metadata reads, never all 80 objects
+    assert sum(made["class_counts"].get(str(c), 0) for c in (0, 1, 2)) >= 7
+
+
+def test_auth_auto_and_anonymous_reads(s3_bucket, tmp_path, monkeypatch):
+    assert resolve_unsigned("auto") is False  # the fixture configured credentials
+    assert resolve_unsigned("unsigned") is True and resolve_unsigned("signed") is False
+    with pytest.raises(ValueError, match="Only auto, unsigned, signed"):
+        resolve_unsigned("anonymous")
+    for prefix in ("private", "public"):
+        synthesize(f"s3://{s3_bucket}/{prefix}", images=3, max_count=2, seed=0)
+    for rel, _ in storage.list_files(f"s3://{s3_bucket}/public"):  # like aft-vbi-pds
+        storage.s3_client().put_object_acl(Bucket=s3_bucket, Key=f"public/{rel}", ACL="public-read")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert resolve_unsigned("auto") is True
+    # anonymous reads of a private bucket are refused: reported per bin, never a crash
+    private = download(dest=str(tmp_path / "dl"), source=f"s3://{s3_bucket}/private", progress=False)
+    assert private["auth"] == "unsigned" and private["selected"] == 0
+    assert private["skipped_by_reason"] == {abid.FETCH_FAILED: 3}
+    summary = download(dest=str(tmp_path / "dl"), source=f"s3://{s3_bucket}/public", progress=False)
+    assert summary["auth"] == "unsigned" and summary["selected"] == 3 and summary["objects_fetched"] == 6
