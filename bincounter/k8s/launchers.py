@@ -1,0 +1,541 @@
+"""Run a training job, a Katib Experiment or an InferenceService to the end.
+
+Each launcher builds its object from the one definition in ``bincounter.k8s.objects``,
+creates it (or replaces an existing one of the same name when asked), waits on the
+real controller conditions against a deadline, reports progress, and returns what
+the next pipeline step needs. On failure or timeout it prints the failing pod's last
+log lines, cleans up as configured and raises ``LaunchError``; a cancelled wait
+(Ctrl-C, or SIGTERM from a pipeline cancel) cleans up too and re-raises.
+
+The cluster is reached through the official ``kubernetes`` client; pass an
+``ApiClient`` to point it elsewhere (tests use an HTTP test double of the API server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from bincounter import search_space
+from bincounter.k8s import objects as o
+
+CLEANUP_CHOICES = ("on-failure", "always", "never")
+LOG_TAIL_LINES = 50
+Log = Callable[[str], None]
+
+
+class LaunchError(RuntimeError):
+    """The object failed, timed out or could not be created; the message says which and why."""
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k8s.ApiClient:
+    """In-cluster config inside a pod (a pipeline step), else the kubeconfig."""
+    if kubeconfig is None and context is None:
+        try:
+            k8s_config.load_incluster_config()
+            return k8s.ApiClient()
+        except k8s_config.ConfigException:
+            pass
+    cfg = k8s.Configuration()
+    k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    return k8s.ApiClient(cfg)
+
+
+# ---------------------------------------------------------------- cluster access
+
+class _Cluster:
+    def __init__(self, api_client: k8s.ApiClient | None):
+        self.api_client = api_client or load_api_client()
+        self.custom = k8s.CustomObjectsApi(self.api_client)
+        self.core = k8s.CoreV1Api(self.api_client)
+
+    def _gvp(self, kind: str):
+        return o.CUSTOM_KINDS[kind]
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        g, v, p = self._gvp(kind)
+        try:
+            return self.custom.get_namespaced_custom_object(g, v, namespace, p, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create(self, obj: dict) -> dict:
+        g, v, p = self._gvp(obj["kind"])
+        return self.custom.create_namespaced_custom_object(g, v, obj["metadata"]["namespace"], p, obj)
+
+    def update(self, obj: dict) -> dict:
+        g, v, p = self._gvp(obj["kind"])
+        meta = obj["metadata"]
+        return self.custom.replace_namespaced_custom_object(g, v, meta["namespace"], p, meta["name"], obj)
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        g, v, p = self._gvp(kind)
+        try:
+            # Foreground: the object goes only after its pods, so a replacement never races them.
+            self.custom.delete_namespaced_custom_object(
+                g, v, namespace, p, name, body=k8s.V1DeleteOptions(propagation_policy="Foreground"))
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def list(self, kind_gvp: tuple[str, str, str], namespace: str, selector: str) -> list[dict]:
+        g, v, p = kind_gvp
+        return self.custom.list_namespaced_custom_object(g, v, namespace, p, label_selector=selector)["items"]
+
+    def pods(self, namespace: str, selector: str) -> list:
+        return self.core.list_namespaced_pod(namespace, label_selector=selector).items
+
+    def log(self, namespace: str, pod: str, container: str, previous: bool = False) -> str:
+        return self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=LOG_TAIL_LINES,
+                                                 previous=previous)
+
+
+# ---------------------------------------------------------------- conditions
+
+def condition(obj: Mapping | None, type_: str) -> dict | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def is_true(obj: Mapping | None, type_: str) -> bool:
+    c = condition(obj, type_)
+    return bool(c) and c.get("status") == "True"
+
+
+def _why(obj: Mapping, type_: str) -> str:
+    c = condition(obj, type_) or {}
+    return ": ".join(x for x in (c.get("reason"), c.get("message")) if x) or type_
+
+
+def _state(obj: Mapping | None) -> str:
+    """The condition types that are True, in order (e.g. 'Created,Running')."""
+    conds = ((obj or {}).get("status") or {}).get("conditions") or []
+    return ",".join(c["type"] for c in conds if c.get("status") == "True") or "Pending"
+
+
+def training_done(kind: str, obj: Mapping) -> tuple[bool, str | None]:
+    """(finished, failure reason or None) from the controller's conditions."""
+    ok, failed = ("Succeeded", "Failed") if kind == "PyTorchJob" else ("Complete", "Failed")
+    if is_true(obj, failed):
+        return True, _why(obj, failed)
+    return is_true(obj, ok), None
+
+
+def experiment_done(obj: Mapping) -> tuple[bool, str | None]:
+    if is_true(obj, "Failed"):
+        return True, _why(obj, "Failed")
+    if is_true(obj, "Succeeded"):
+        best = (obj.get("status") or {}).get("currentOptimalTrial") or {}
+        if not best.get("parameterAssignments"):
+            return True, f"succeeded without a best trial ({_why(obj, 'Succeeded')}): no trial reported {search_space.OBJECTIVE_METRIC}"
+        return True, None
+    return False, None
+
+
+# KServe marks a model that cannot load (modelStatus.transitionStatus), and Knative a revision
+# that cannot start (reason RevisionFailed); both are final until the spec changes.
+_ISVC_FINAL_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
+
+
+def isvc_done(obj: Mapping, generation: int) -> tuple[bool, str | None]:
+    """Ready counts only once the controller has observed OUR generation: right after an
+    update the old revision's Ready=True is still there with the old observedGeneration."""
+    status = obj.get("status") or {}
+    if (status.get("observedGeneration") or 0) < generation:
+        return False, None
+    if is_true(obj, "Ready"):
+        return True, None
+    transition = (status.get("modelStatus") or {}).get("transitionStatus")
+    if transition in _ISVC_FINAL_TRANSITIONS:
+        info = (status.get("modelStatus") or {}).get("lastFailureInfo") or {}
+        return True, f"model {transition}: {info.get('reason', '')} {info.get('message', '')}".strip()
+    for c in status.get("conditions") or []:
+        if c.get("status") == "False" and c.get("reason") == "RevisionFailed":
+            return True, f"{c['type']}: {c.get('reason')}: {c.get('message', '')}"
+    return False, None
+
+
+# ---------------------------------------------------------------- failure report
+
+def _pod_selector(kind: str, name: str) -> str:
+    return {
+        "PyTorchJob": f"training.kubeflow.org/job-name={name}",
+        "TrainJob": f"jobset.sigs.k8s.io/jobset-name={name}",   # the TrainJob's JobSet has its name
+        "InferenceService": f"serving.kserve.io/inferenceservice={name}",
+    }[kind]
+
+
+def _failing_container(pod) -> tuple[str, bool] | None:
+    """(container name, previous) of the container that failed, init containers first."""
+    status = pod.status
+    for statuses in ((status.init_container_statuses or []) if status else [],
+                     (status.container_statuses or []) if status else []):
+        for cs in statuses:
+            st = cs.state
+            if st and st.terminated and st.terminated.exit_code:
+                return cs.name, False
+            if cs.last_state and cs.last_state.terminated and cs.last_state.terminated.exit_code:
+                return cs.name, True  # restarted (CrashLoopBackOff): the crash is in the previous log
+    return None
+
+
+def print_failing_pod_logs(cluster: _Cluster, namespace: str, selector: str, log: Log,
+                           primary: str | None = None) -> str | None:
+    """Print the last log lines of the failing pod (else the first pod); return its name."""
+    try:
+        pods = cluster.pods(namespace, selector)
+    except ApiException as e:
+        log(f"could not list pods ({selector}): {e.status} {e.reason}")
+        return None
+    if not pods:
+        log(f"no pods found for {selector}")
+        return None
+    failing = [(p, _failing_container(p)) for p in pods]
+    pod, found = next(((p, f) for p, f in failing if f), (pods[0], None))
+    container, previous = found or (primary or pod.spec.containers[0].name, False)
+    try:
+        text = cluster.log(namespace, pod.metadata.name, container, previous)
+    except ApiException as e:
+        text = f"(log unavailable: {e.status} {e.reason})"
+    log(f"---- last {LOG_TAIL_LINES} log lines of pod {pod.metadata.name}, container {container} ----")
+    for line in (text or "").rstrip().splitlines():
+        log(f"  {line}")
+    log("---- end of log ----")
+    return pod.metadata.name
+
+
+# ---------------------------------------------------------------- create, wait, clean up
+
+class _Cancelled(BaseException):
+    """SIGTERM while waiting (a pipeline cancel); raised as KeyboardInterrupt after cleanup."""
+
+
+@contextlib.contextmanager
+def _sigterm_cancels():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Cancelled()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _create(cluster: _Cluster, obj: dict, replace: bool, deadline: float, poll_s: float, log: Log) -> dict:
+    kind, meta = obj["kind"], obj["metadata"]
+    existing = cluster.get(kind, meta["namespace"], meta["name"])
+    if existing is not None:
+        if not replace:
+            raise LaunchError(f"{kind} {meta['namespace']}/{meta['name']} already exists. "
+                              f"Delete it, choose another name, or pass replace=True (--replace).")
+        log(f"deleting the existing {kind} {meta['namespace']}/{meta['name']}")
+        cluster.delete(kind, meta["namespace"], meta["name"])
+        while cluster.get(kind, meta["namespace"], meta["name"]) is not None:
+            if time.monotonic() > deadline:
+                raise LaunchError(f"timed out waiting for the old {kind} {meta['name']} to be deleted")
+            time.sleep(poll_s)
+    try:
+        created = cluster.create(obj)
+    except ApiException as e:
+        raise LaunchError(f"could not create {kind} {meta['namespace']}/{meta['name']}: "
+                          f"{e.status} {e.reason}: {e.body}") from e
+    log(f"created {kind} {meta['namespace']}/{meta['name']}")
+    return created
+
+
+def _wait(cluster: _Cluster, obj: dict, done: Callable[[dict], tuple[bool, str | None]],
+          describe: Callable[[dict], str], *, deadline: float, poll_s: float, log: Log,
+          report_every_s: float) -> dict:
+    """Poll until done; return the final object or raise LaunchError (failure, timeout, vanished)."""
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    start = time.monotonic()
+    last_line, last_report = None, start
+    while True:
+        current = cluster.get(kind, ns, name)
+        if current is None:
+            raise LaunchError(f"{kind} {ns}/{name} disappeared while waiting (deleted by someone else?)")
+        finished, failure = done(current)
+        line = describe(current)
+        now = time.monotonic()
+        if line != last_line or now - last_report >= report_every_s:
+            log(f"[{now - start:6.0f}s] {kind} {name}: {line}")
+            last_line, last_report = line, now
+        if failure:
+            raise LaunchError(f"{kind} {ns}/{name} failed: {failure}")
+        if finished:
+            return current
+        if now >= deadline:
+            raise TimeoutError(f"{kind} {ns}/{name} did not finish within the deadline (last state: {line})")
+        time.sleep(max(0.0, min(poll_s, deadline - now)))
+
+
+def _run(cluster: _Cluster, obj: dict, *, done, describe, timeout_s: float, poll_s: float, replace: bool,
+         cleanup: str, log: Log, report_every_s: float, log_selector: str | None, primary: str | None,
+         on_failure: Callable[[], None] | None = None, delete_on_failure: bool = True) -> dict:
+    if cleanup not in CLEANUP_CHOICES:
+        raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    deadline = time.monotonic() + timeout_s
+
+    def clean(reason: str):
+        if cleanup == "never" or not delete_on_failure:
+            log(f"leaving {kind} {ns}/{name} in place ({reason}; cleanup={cleanup})")
+        elif cluster.delete(kind, ns, name):
+            log(f"deleted {kind} {ns}/{name} ({reason})")
+
+    with _sigterm_cancels():
+        _create(cluster, obj, replace, deadline, poll_s, log)  # nothing of ours to clean up if this fails
+        try:
+            final = _wait(cluster, obj, done, describe, deadline=deadline, poll_s=poll_s, log=log,
+                          report_every_s=report_every_s)
+        except (LaunchError, TimeoutError) as e:
+            if log_selector:
+                print_failing_pod_logs(cluster, ns, log_selector, log, primary)
+            if on_failure:
+                on_failure()
+            clean("failed" if isinstance(e, LaunchError) else "timed out")
+            if isinstance(e, TimeoutError):
+                raise LaunchError(f"{e} after {timeout_s:.0f}s") from e
+            raise
+        except (KeyboardInterrupt, _Cancelled) as e:
+            log(f"cancelled while waiting for {kind} {ns}/{name}")
+            clean("cancelled")
+            raise KeyboardInterrupt(f"cancelled: {kind} {ns}/{name}") from e
+    if cleanup == "always":
+        clean("finished")
+    return final
+
+
+def _gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
+    from datetime import datetime
+
+    if not (start and end and gpus):
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return max(0.0, (parse(end) - parse(start)).total_seconds()) * gpus / 3600
+
+
+# ---------------------------------------------------------------- the three launchers
+
+def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, model_uri: str,
+          kind: str = "PyTorchJob", extra_args: Sequence[str] = (), image: str | None = None,
+          workers: int = 1, nproc_per_node: int = 1, gpus_per_worker: int = 0, cpu: str = "4",
+          memory: str = "16Gi", node_selector: Mapping[str, str] | None = None,
+          tolerations: Sequence[Mapping] | None = None, timeout_s: float = 24 * 3600, poll_s: float = 10.0,
+          replace: bool = False, cleanup: str = "on-failure", report_every_s: float = 60.0,
+          api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
+    """Run ``bincounter.train`` as a PyTorchJob (Training Operator v1) or TrainJob (Trainer v2).
+
+    Returns {"model_uri", "kind", "name", "namespace", "seconds", "gpu_hours"}.
+    Raises LaunchError when the job fails or misses the deadline (after printing the
+    failing pod's log and, with cleanup="on-failure" or "always", deleting the job).
+    """
+    if kind not in ("PyTorchJob", "TrainJob"):
+        raise ValueError(f"Invalid kind {kind!r}. Only PyTorchJob and TrainJob are supported.")
+    builder = o.pytorchjob if kind == "PyTorchJob" else o.trainjob
+    obj = builder(name, namespace, data_uri=data_uri, model_uri=model_uri, extra_args=extra_args, image=image,
+                  workers=workers, nproc_per_node=nproc_per_node,
+                  resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
+                  node_selector=node_selector, tolerations=tolerations)
+    cluster = _Cluster(api_client)
+    started = time.monotonic()
+
+    def describe(cur):
+        replicas = (cur.get("status") or {}).get("replicaStatuses") or {}
+        counts = " ".join(f"{r}(active={s.get('active', 0)} ok={s.get('succeeded', 0)} failed={s.get('failed', 0)})"
+                          for r, s in replicas.items())
+        return f"{_state(cur)} {counts}".strip()
+
+    final = _run(cluster, obj, done=lambda cur: training_done(kind, cur), describe=describe, timeout_s=timeout_s,
+                 poll_s=poll_s, replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s,
+                 log_selector=_pod_selector(kind, name), primary=o.TRAIN_CONTAINER if kind == "PyTorchJob" else None)
+    status = final.get("status") or {}
+    seconds = time.monotonic() - started
+    gpus = workers * gpus_per_worker
+    gpu_hours = _gpu_hours(status.get("startTime"), status.get("completionTime"), gpus) or seconds * gpus / 3600
+    log(f"{kind} {name} succeeded: model at {model_uri}")
+    return {"model_uri": model_uri, "kind": kind, "name": name, "namespace": namespace,
+            "seconds": round(seconds, 1), "gpu_hours": round(gpu_hours, 4)}
+
+
+TRIAL_GVP = ("kubeflow.org", "v1beta1", "trials")
+
+
+def parse_best_trial(experiment: Mapping) -> dict[str, Any]:
+    """Best hyperparameters, typed back through the search space, from status.currentOptimalTrial."""
+    best = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
+    params: dict[str, Any] = {}
+    for a in best.get("parameterAssignments") or []:
+        p = search_space.by_name(a["name"])
+        if p.kind == "double":
+            params[p.name] = float(a["value"])
+        elif p.kind == "int":
+            params[p.name] = int(float(a["value"]))
+        else:  # Katib returns categorical values as strings: give back the original choice
+            params[p.name] = next(c for c in p.choices if str(c) == a["value"])
+    metrics = {m["name"]: float(m.get("max") or m.get("latest"))
+               for m in (best.get("observation") or {}).get("metrics") or []
+               if (m.get("max") or m.get("latest")) not in (None, "", "unavailable")}
+    return {"best_trial": best.get("bestTrialName"), "best_hyperparameters": params, "best_metrics": metrics}
+
+
+def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, trials_uri: str,
+         extra_args: Sequence[str] = (), image: str | None = None, workers: int = 1, nproc_per_node: int = 1,
+         gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi",
+         node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
+         algorithm: str = "tpe", parallel_trials: int = 2, max_trials: int = 12, max_failed_trials: int = 3,
+         timeout_s: float = 24 * 3600, poll_s: float = 15.0, replace: bool = False, cleanup: str = "on-failure",
+         report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
+    """Run the Katib Experiment to Succeeded and return the best trial.
+
+    Returns {"best_hyperparameters": {"lr": 0.0012, "batch-size": 32, ...} (typed as in
+    bincounter.search_space), "best_metrics": {"val-accuracy": ...}, "best_trial",
+    "best_model_uri" (trials_uri/<best trial>), "trials" ({"succeeded": n, ...}),
+    "name", "namespace", "seconds", "gpu_hours"}.
+    """
+    obj = o.experiment(name, namespace, data_uri=data_uri, trials_uri=trials_uri, extra_args=extra_args,
+                       image=image, workers=workers, nproc_per_node=nproc_per_node,
+                       resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
+                       node_selector=node_selector, tolerations=tolerations, algorithm=algorithm,
+                       parallel_trials=parallel_trials, max_trials=max_trials, max_failed_trials=max_failed_trials)
+    cluster = _Cluster(api_client)
+    started = time.monotonic()
+
+    def describe(cur):
+        st = cur.get("status") or {}
+        counts = ", ".join(f"{k.removeprefix('trials').lower() or 'created'}={st[k]}" for k in
+                           ("trials", "trialsRunning", "trialsSucceeded", "trialsFailed", "trialsEarlyStopped")
+                           if st.get(k))
+        best = parse_best_trial(cur)
+        score = best["best_metrics"].get(search_space.OBJECTIVE_METRIC)
+        tail = f"; best {search_space.OBJECTIVE_METRIC}={score} ({best['best_trial']})" if score is not None else ""
+        return f"{_state(cur)} trials: {counts or 'none yet'}{tail}"
+
+    def show_failed_trial():
+        # The experiment has no pods of its own: show the log of a failed trial's Master.
+        try:
+            trials = cluster.list(TRIAL_GVP, namespace, f"katib.kubeflow.org/experiment={name}")
+        except ApiException:
+            return
+        failed = [t for t in trials if is_true(t, "Failed")]
+        if failed:
+            t = failed[-1]["metadata"]["name"]
+            print_failing_pod_logs(cluster, namespace, _pod_selector("PyTorchJob", t), log, o.TRAIN_CONTAINER)
+
+    final = _run(cluster, obj, done=experiment_done, describe=describe, timeout_s=timeout_s, poll_s=poll_s,
+                 replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s, log_selector=None,
+                 primary=None, on_failure=show_failed_trial)
+    result = parse_best_trial(final)
+    st = final.get("status") or {}
+    gpu_hours = 0.0
+    try:
+        for t in cluster.list(TRIAL_GVP, namespace, f"katib.kubeflow.org/experiment={name}"):
+            ts = t.get("status") or {}
+            gpu_hours += _gpu_hours(ts.get("startTime"), ts.get("completionTime"), workers * gpus_per_worker)
+    except ApiException as e:
+        log(f"could not list trials for the GPU-hour count: {e.status} {e.reason}")
+    result.update({
+        "best_model_uri": f"{trials_uri.rstrip('/')}/{result['best_trial']}",
+        "trials": {k.removeprefix("trials").lower(): st.get(k, 0)
+                   for k in ("trialsSucceeded", "trialsFailed", "trialsEarlyStopped", "trialsKilled")},
+        "name": name, "namespace": namespace,
+        "seconds": round(time.monotonic() - started, 1), "gpu_hours": round(gpu_hours, 4),
+    })
+    log(f"Experiment {name} succeeded: best {result['best_hyperparameters']} {result['best_metrics']}")
+    return result
+
+
+def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, storage_uri: str,
+           image: str | None = None, cpu: str = "1", memory: str = "2Gi", min_replicas: int = 1,
+           max_replicas: int = 3, scale_metric: str = "concurrency", scale_target: int = 8,
+           node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
+           timeout_s: float = 1800, poll_s: float = 5.0, replace: bool = True, cleanup: str = "on-failure",
+           report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
+           log: Log = _print) -> dict[str, Any]:
+    """Create or update the InferenceService and wait until it is Ready at its new generation.
+
+    An existing InferenceService of the same name is UPDATED in place (replace=True,
+    the default): KServe rolls out a new revision and keeps the old one serving until
+    the new one is ready, so a failed rollout is reported but never deleted; only an
+    InferenceService this call created is deleted on failure (cleanup="on-failure").
+
+    Returns {"url" (status.url, external), "internal_url" (status.address.url),
+    "model_url" (V1 predict URL), "name", "namespace", "generation", "storage_uri"}.
+    """
+    obj = o.inference_service(name, namespace, storage_uri=storage_uri, image=image,
+                              resources=o.Resources(cpu=cpu, memory=memory), min_replicas=min_replicas,
+                              max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
+                              node_selector=node_selector, tolerations=tolerations)
+    cluster = _Cluster(api_client)
+    if cleanup not in CLEANUP_CHOICES:
+        raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
+    existing = cluster.get("InferenceService", namespace, name)
+    if existing is not None and not replace:
+        raise LaunchError(f"InferenceService {namespace}/{name} already exists. Pass replace=True (--replace) to update it.")
+    deadline = time.monotonic() + timeout_s
+    with _sigterm_cancels():
+        if existing is None:
+            current = _create(cluster, obj, False, deadline, poll_s, log)
+        else:
+            obj["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            try:
+                current = cluster.update(obj)
+            except ApiException as e:
+                raise LaunchError(f"could not update InferenceService {namespace}/{name}: "
+                                  f"{e.status} {e.reason}: {e.body}") from e
+            log(f"updated InferenceService {namespace}/{name}")
+        generation = int(current["metadata"].get("generation") or 1)
+
+        def describe(cur):
+            st = cur.get("status") or {}
+            ready = condition(cur, "Ready") or {}
+            reason = f" ({ready['reason']})" if ready.get("reason") else ""
+            return (f"Ready={ready.get('status', 'Unknown')}{reason} observedGeneration="
+                    f"{st.get('observedGeneration', 0)}/{generation}")
+
+        try:
+            final = _wait(cluster, obj, lambda cur: isvc_done(cur, generation), describe, deadline=deadline,
+                          poll_s=poll_s, log=log, report_every_s=report_every_s)
+        except (LaunchError, TimeoutError) as e:
+            print_failing_pod_logs(cluster, namespace, _pod_selector("InferenceService", name), log,
+                                   o.PREDICTOR_CONTAINER)
+            if existing is None and cleanup != "never" and cluster.delete("InferenceService", namespace, name):
+                log(f"deleted InferenceService {namespace}/{name} (failed)")
+            if isinstance(e, TimeoutError):
+                raise LaunchError(f"{e} after {timeout_s:.0f}s") from e
+            raise
+        except (KeyboardInterrupt, _Cancelled) as e:
+            log(f"cancelled while waiting for InferenceService {namespace}/{name}")
+            if existing is None and cleanup != "never" and cluster.delete("InferenceService", namespace, name):
+                log(f"deleted InferenceService {namespace}/{name} (cancelled)")
+            raise KeyboardInterrupt(f"cancelled: InferenceService {namespace}/{name}") from e
+    st = final.get("status") or {}
+    url = st.get("url")
+    internal = (st.get("address") or {}).get("url")
+    result = {"url": url, "internal_url": internal,
+              "model_url": f"{(internal or url or '').rstrip('/')}/v1/models/{o.MODEL_NAME}:predict",
+              "name": name, "namespace": namespace, "generation": generation, "storage_uri": storage_uri}
+    log(f"InferenceService {name} is Ready: {url} (in-cluster {internal})")
+    return result
