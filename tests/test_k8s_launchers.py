@@ -213,3 +213,37 @@ def test_new_inference_service_that_never_gets_ready_times_out_and_is_deleted(do
     with pytest.raises(launchers.LaunchError, match="did not finish within the deadline"):
         _deploy(double, lines, timeout_s=0.3)
     assert double.deleted == [("inferenceservices", NS, "bincounter")]
+
+
+def _kubeconfig(tmp_path, url):
+    path = tmp_path / "kubeconfig"
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: double, cluster: {{server: "{url}"}}}}]
+users: [{{name: me, user: {{token: test-token}}}}]
+contexts: [{{name: double, context: {{cluster: double, user: me, namespace: {NS}}}}}]
+current-context: double
+""")
+    return str(path)
+
+
+def test_cli_train_and_deploy_through_a_kubeconfig(double, tmp_path, capsys):
+    from bincounter import cli
+
+    kubeconfig = _kubeconfig(tmp_path, double.url)
+    double.script("pytorchjobs", "cli-job", kd.pytorchjob_success(NS, "cli-job"))
+    out = tmp_path / "result.json"
+    rc = cli.main(["k8s", "train", "--name", "cli-job", "--namespace", NS, "--kubeconfig", kubeconfig,
+                   "--data", "s3://b/split", "--output", "s3://b/models/m2", "--poll", "0.01",
+                   "--toleration", "spot=true:NoSchedule", "--result-json", str(out), "--", "--epochs", "3"])
+    assert rc == 0
+    assert '"model_uri": "s3://b/models/m2"' in out.read_text()
+    c = double.objects[("pytorchjobs", NS, "cli-job")]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert c["containers"][0]["args"][-2:] == ["--epochs", "3"]
+    assert c["tolerations"] == [{"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
+
+    double.script("inferenceservices", "bincounter", kd.isvc_failed_load(NS, "bincounter", 1))
+    rc = cli.main(["k8s", "deploy", "--namespace", NS, "--kubeconfig", kubeconfig, "--poll", "0.01",
+                   "--storage-uri", "s3://b/models/m2"])
+    assert rc == 1
+    assert "error: InferenceService team-a/bincounter failed: model BlockedByFailedLoad" in capsys.readouterr().err
