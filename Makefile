@@ -24,3 +24,32 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# ---- container images (docs/images.md) ------------------------------------------------------
+# Every name comes from bincounter/images.py (stdlib only, so no venv is needed to ask it).
+# REGISTRY and TAG default to its values ($BINCOUNTER_REGISTRY / $BINCOUNTER_TAG, else the defaults).
+# `make images push TAG=x` builds and pushes all three; then compile the pipeline and render the
+# manifests with BINCOUNTER_TAG=x so they reference the same tag (docs/images.md).
+DOCKER ?= docker
+PLATFORM ?= linux/amd64
+images_py = $(PYTHON) -m bincounter.images
+REGISTRY ?= $(shell $(PYTHON) -c 'from bincounter import images; print(images.registry())')
+TAG ?= $(shell $(PYTHON) -c 'from bincounter import images; print(images.tag())')
+IMAGE_ROLES = $(shell $(images_py) roles)
+image_ref = $(shell $(images_py) ref $(1) --registry '$(REGISTRY)' --tag '$(TAG)')
+
+.PHONY: images push image-names
+
+# Fails loudly on a bad REGISTRY or TAG (the $(shell) calls below cannot).
+image-names:
+	@$(images_py) list --registry '$(REGISTRY)' --tag '$(TAG)'
+
+images: image-names $(addprefix image-,$(IMAGE_ROLES))
+
+image-%: image-names
+	$(DOCKER) build --platform $(PLATFORM) --file $(shell $(images_py) dockerfile $*) --tag $(call image_ref,$*) .
+
+push: images $(addprefix push-,$(IMAGE_ROLES))
+
+push-%: image-%
+	$(DOCKER) push $(call image_ref,$*)
