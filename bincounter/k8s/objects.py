@@ -435,6 +435,7 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
     }
     predictor: dict[str, Any] = {
         "serviceAccountName": service_account_name,
+        "automountServiceAccountToken": False,  # S3 credentials come from the Secret, not the API
         "minReplicas": min_replicas, "maxReplicas": max_replicas,
         "scaleMetric": scale_metric, "scaleTarget": scale_target,
         "securityContext": pod_security_context(),
