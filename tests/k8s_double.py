@@ -128,6 +128,18 @@ def experiment_failure(ns: str, name: str) -> list[dict]:
              "trials": 3, "trialsFailed": 3}]
 
 
+def trial(ns: str, experiment: str, name: str, state: str, params: dict[str, str], accuracy: str) -> dict:
+    """A Katib Trial as the experiment controller writes it (katib v1beta1 TrialStatus)."""
+    return {"apiVersion": "kubeflow.org/v1beta1", "kind": "Trial",
+            "metadata": {"name": name, "namespace": ns, "labels": {"katib.kubeflow.org/experiment": experiment}},
+            "spec": {"parameterAssignments": [{"name": k, "value": v} for k, v in params.items()]},
+            "status": {"startTime": T0, "completionTime": T1,
+                       "conditions": [_cond("Created", "True", "TrialCreated", "Trial is created"),
+                                      _cond(state, "True", f"Trial{state}", f"Trial is {state.lower()}")],
+                       "observation": {"metrics": [{"name": "val-accuracy", "min": "0.1", "max": accuracy,
+                                                    "latest": accuracy}]}}}
+
+
 def _isvc_conditions(status: str, reason: str = "", message: str = "") -> list[dict]:
     names = ("IngressReady", "LatestDeploymentReady", "PredictorConfigurationReady", "PredictorReady",
              "PredictorRouteReady", "Ready")

@@ -126,6 +126,8 @@ def test_an_invalid_object_is_rejected_by_the_double(double, lines):
 def test_experiment_success_returns_typed_best_hyperparameters(double, lines):
     best = {"lr": "0.00123", "batch-size": "32", "optimizer": "adamw", "weight-decay": "1e-05", "dropout": "0.2"}
     double.script("experiments", "tune1", kd.experiment_success(NS, "tune1", best, accuracy=0.61))
+    for trial, state, acc in (("tune1-x7k2p9", "Succeeded", "0.61"), ("tune1-b", "EarlyStopped", "0.30")):
+        double.objects[("trials", NS, trial)] = kd.trial(NS, "tune1", trial, state, best, acc)
     result = launchers.tune("tune1", NS, data_uri="s3://b/split", trials_uri="s3://b/trials",
                             extra_args=["--epochs", "1"], parallel_trials=2, max_trials=3,
                             api_client=double.api_client(), log=lines.append, **FAST)
@@ -138,6 +140,23 @@ def test_experiment_success_returns_typed_best_hyperparameters(double, lines):
     exp = double.objects[("experiments", NS, "tune1")]
     assert (exp["spec"]["parallelTrialCount"], exp["spec"]["maxTrialCount"]) == (2, 3)
     assert any("best val-accuracy=0.61" in line for line in lines)
+    assert sorted((t["name"], t["state"], t["val-accuracy"]) for t in result["trial_list"]) == [
+        ("tune1-b", "EarlyStopped", 0.30), ("tune1-x7k2p9", "Succeeded", 0.61)]
+    assert result["gpu_hours"] == 0.0  # CPU trials
+
+
+def test_cleanup_run_deletes_only_that_runs_jobs(double, lines):
+    for name, run in (("a", "run-1"), ("b", "run-2")):
+        double.put_object(o.pytorchjob(name, NS, data_uri="s3://b/d", model_uri="s3://b/m",
+                                       labels=launchers.run_labels(run)), "pytorchjobs")
+    double.put_object(o.experiment("e", NS, data_uri="s3://b/d", trials_uri="s3://b/t",
+                                   labels=launchers.run_labels("run-1")), "experiments")
+    double.put_object(o.inference_service("bincounter", NS, storage_uri="s3://b/m",
+                                          labels=launchers.run_labels("run-1")), "inferenceservices")
+    deleted = launchers.cleanup_run("run-1", NS, api_client=double.api_client(), log=lines.append)
+    assert sorted(deleted) == ["Experiment/e", "PyTorchJob/a"]
+    assert ("pytorchjobs", NS, "b") in double.objects  # another run's job
+    assert ("inferenceservices", NS, "bincounter") in double.objects  # serving is never torn down here
 
 
 def test_experiment_failure_shows_a_failed_trial_log(double, lines):

@@ -221,8 +221,9 @@ def test_overlays_change_what_they_say(rendered):
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     for obj in by_kind(gpu, "PyTorchJob") + by_kind(gpu, "Experiment"):
         for _, spec, _ in pod_templates(obj):
-            assert spec["nodeSelector"]["karpenter.sh/capacity-type"] == "spot"
-            assert {t["key"] for t in spec["tolerations"]} == {"nvidia.com/gpu", "karpenter.sh/capacity-type"}
+            # the overlay's spot placement is the one launchers use (objects.SPOT_*)
+            assert spec["nodeSelector"] == o.SPOT_NODE_SELECTOR
+            assert spec["tolerations"] == o.SPOT_TOLERATIONS
             assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in ("1", "4")
 
     kf = rendered["overlays/kubeflow"]

@@ -343,9 +343,10 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
           kind: str = "PyTorchJob", extra_args: Sequence[str] = (), image: str | None = None,
           workers: int = 1, nproc_per_node: int = 1, gpus_per_worker: int = 0, cpu: str = "4",
           memory: str = "16Gi", node_selector: Mapping[str, str] | None = None,
-          tolerations: Sequence[Mapping] | None = None, timeout_s: float = 24 * 3600, poll_s: float = 10.0,
-          replace: bool = False, cleanup: str = "on-failure", report_every_s: float = 60.0,
-          api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
+          tolerations: Sequence[Mapping] | None = None, labels: Mapping[str, str] | None = None,
+          service_account_name: str = o.WORKLOAD_SA, s3_secret_name: str = o.S3_SECRET,
+          timeout_s: float = 24 * 3600, poll_s: float = 10.0, replace: bool = False, cleanup: str = "on-failure",
+          report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
     """Run ``bincounter.train`` as a PyTorchJob (Training Operator v1) or TrainJob (Trainer v2).
 
     Returns {"model_uri", "kind", "name", "namespace", "seconds", "gpu_hours"}.
@@ -358,7 +359,8 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
     obj = builder(name, namespace, data_uri=data_uri, model_uri=model_uri, extra_args=extra_args, image=image,
                   workers=workers, nproc_per_node=nproc_per_node,
                   resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
-                  node_selector=node_selector, tolerations=tolerations)
+                  node_selector=node_selector, tolerations=tolerations, labels=labels,
+                  service_account_name=service_account_name, s3_secret_name=s3_secret_name)
     cluster = _Cluster(api_client)
     started = time.monotonic()
 
@@ -401,12 +403,31 @@ def parse_best_trial(experiment: Mapping) -> dict[str, Any]:
     return {"best_trial": best.get("bestTrialName"), "best_hyperparameters": params, "best_metrics": metrics}
 
 
+TRIAL_STATES = ("Succeeded", "Failed", "EarlyStopped", "MetricsUnavailable", "Killed", "Running", "Created")
+
+
+def _trial_summary(trial: Mapping) -> dict[str, Any]:
+    """name, state (the first True Katib trial condition of TRIAL_STATES), parameters, objective."""
+    state = next((s for s in TRIAL_STATES if is_true(trial, s)), "Pending")
+    spec, status = trial.get("spec") or {}, trial.get("status") or {}
+    params = {a["name"]: a["value"] for a in spec.get("parameterAssignments") or []}
+    metrics = {m["name"]: m.get("max") or m.get("latest") for m in (status.get("observation") or {}).get("metrics") or []}
+    value = metrics.get(search_space.OBJECTIVE_METRIC)
+    try:
+        value = float(value) if value is not None else None
+    except ValueError:  # Katib writes "unavailable"
+        value = None
+    return {"name": trial["metadata"]["name"], "state": state, "parameters": params,
+            search_space.OBJECTIVE_METRIC: value}
+
+
 def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, trials_uri: str,
          extra_args: Sequence[str] = (), image: str | None = None, workers: int = 1, nproc_per_node: int = 1,
          gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi",
          node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
          algorithm: str = "tpe", parallel_trials: int = 2, max_trials: int = 12, max_failed_trials: int = 3,
-         timeout_s: float = 24 * 3600, poll_s: float = 15.0, replace: bool = False, cleanup: str = "on-failure",
+         labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
+         s3_secret_name: str = o.S3_SECRET, timeout_s: float = 24 * 3600, poll_s: float = 15.0, replace: bool = False, cleanup: str = "on-failure",
          report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
     """Run the Katib Experiment to Succeeded and return the best trial.
 
@@ -419,7 +440,8 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
                        image=image, workers=workers, nproc_per_node=nproc_per_node,
                        resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
                        node_selector=node_selector, tolerations=tolerations, algorithm=algorithm,
-                       parallel_trials=parallel_trials, max_trials=max_trials, max_failed_trials=max_failed_trials)
+                       parallel_trials=parallel_trials, max_trials=max_trials, max_failed_trials=max_failed_trials,
+                       labels=labels, service_account_name=service_account_name, s3_secret_name=s3_secret_name)
     cluster = _Cluster(api_client)
     started = time.monotonic()
 
@@ -449,14 +471,16 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
                  primary=None, on_failure=show_failed_trial)
     result = parse_best_trial(final)
     st = final.get("status") or {}
-    gpu_hours = 0.0
+    gpu_hours, trial_list = 0.0, []
     try:
         for t in cluster.list(TRIAL_GVP, namespace, f"katib.kubeflow.org/experiment={name}"):
             ts = t.get("status") or {}
             gpu_hours += _gpu_hours(ts.get("startTime"), ts.get("completionTime"), workers * gpus_per_worker)
+            trial_list.append(_trial_summary(t))
     except ApiException as e:
-        log(f"could not list trials for the GPU-hour count: {e.status} {e.reason}")
+        log(f"could not list trials: {e.status} {e.reason}")
     result.update({
+        "trial_list": trial_list,
         "best_model_uri": f"{trials_uri.rstrip('/')}/{result['best_trial']}",
         "trials": {k.removeprefix("trials").lower(): st.get(k, 0)
                    for k in ("trialsSucceeded", "trialsFailed", "trialsEarlyStopped", "trialsKilled")},
@@ -471,6 +495,7 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
            image: str | None = None, cpu: str = "1", memory: str = "2Gi", min_replicas: int = 1,
            max_replicas: int = 3, scale_metric: str = "concurrency", scale_target: int = 8,
            node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
+           labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
            timeout_s: float = 1800, poll_s: float = 5.0, replace: bool = True, cleanup: str = "on-failure",
            report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
            log: Log = _print) -> dict[str, Any]:
@@ -487,7 +512,8 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
     obj = o.inference_service(name, namespace, storage_uri=storage_uri, image=image,
                               resources=o.Resources(cpu=cpu, memory=memory), min_replicas=min_replicas,
                               max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
-                              node_selector=node_selector, tolerations=tolerations)
+                              node_selector=node_selector, tolerations=tolerations, labels=labels,
+                              service_account_name=service_account_name)
     cluster = _Cluster(api_client)
     if cleanup not in CLEANUP_CHOICES:
         raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
@@ -539,3 +565,31 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
               "name": name, "namespace": namespace, "generation": generation, "storage_uri": storage_uri}
     log(f"InferenceService {name} is Ready: {url} (in-cluster {internal})")
     return result
+
+
+def run_labels(run_id: str) -> dict[str, str]:
+    """Labels that tie an object to a pipeline run (pass as labels=... to the launchers)."""
+    return {o.RUN_LABEL: run_id}
+
+
+def cleanup_run(run_id: str, namespace: str = o.DEFAULT_NAMESPACE, *,
+                kinds: Sequence[str] = ("PyTorchJob", "TrainJob", "Experiment"),
+                api_client: k8s.ApiClient | None = None, log: Log = _print) -> list[str]:
+    """Delete what a failed or cancelled pipeline run left behind: every object of kinds
+    labelled with run_id (see run_labels). InferenceServices are not in the default
+    kinds: a failed run must not take down a model that is serving. Returns "Kind/name"s.
+    A cluster without one of the CRDs (Trainer v2 not installed) is skipped, not an error."""
+    cluster = _Cluster(api_client)
+    deleted = []
+    for kind in kinds:
+        try:
+            items = cluster.list(o.CUSTOM_KINDS[kind], namespace, f"{o.RUN_LABEL}={run_id}")
+        except ApiException as e:
+            if e.status == 404:
+                continue
+            raise
+        for item in items:
+            if cluster.delete(kind, namespace, item["metadata"]["name"]):
+                deleted.append(f"{kind}/{item['metadata']['name']}")
+                log(f"deleted {kind} {namespace}/{item['metadata']['name']} (run {run_id})")
+    return deleted

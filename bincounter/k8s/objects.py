@@ -43,6 +43,17 @@ TRAINJOB_STEP = "node"
 RUN_AS_UID = 10001
 ISTIO_NO_SIDECAR = {"sidecar.istio.io/inject": "false"}  # a sidecar keeps a finished job's pod alive
 PART_OF = {"app.kubernetes.io/part-of": "bincounter"}
+# A pipeline run labels everything it creates with its run id, so its exit handler can
+# find and delete what a failed or cancelled run left behind (launchers.cleanup_run).
+RUN_LABEL = "app.kubernetes.io/instance"
+
+# Spot GPU nodes, as Karpenter and the NVIDIA GPU operator label and taint them (the gpu
+# overlay uses the same values; tests/test_k8s_manifests.py checks they agree).
+SPOT_NODE_SELECTOR = {"karpenter.sh/capacity-type": "spot", "nvidia.com/gpu.present": "true"}
+SPOT_TOLERATIONS = [
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+]
 
 # The S3 credential keys boto3 and KServe's storage initializer both read from env.
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -138,13 +149,14 @@ def launcher_service_account(name: str = LAUNCHER_SA, namespace: str = DEFAULT_N
 
 
 # Exactly what bincounter.k8s.launchers calls: create/get/delete of the objects it
-# manages (replace of an InferenceService is a PUT = update), pods and their logs for
-# the failure report, Katib trials for the progress line. No list/watch of jobs, no secrets.
+# manages (replace of an InferenceService is a PUT = update), list of jobs by run label
+# (cleanup_run), pods and their logs for the failure report, Katib trials for the
+# result. No watch, no patch, no secrets.
 ROLE_RULES: list[dict] = [
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "experiments"],
-     "verbs": ["create", "get", "delete"]},
+     "verbs": ["create", "get", "list", "delete"]},
     {"apiGroups": ["kubeflow.org"], "resources": ["trials"], "verbs": ["list"]},
-    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "list", "delete"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["create", "get", "update", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
@@ -236,7 +248,8 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
                node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
                service_account_name: str = WORKLOAD_SA, s3_secret_name: str = S3_SECRET,
                backoff_limit: int = 3, ttl_seconds_after_finished: int = 86400,
-               active_deadline_seconds: int | None = None, shm_size: str = "2Gi") -> dict:
+               active_deadline_seconds: int | None = None, shm_size: str = "2Gi",
+               labels: Mapping[str, str] | None = None) -> dict:
     """The training job for Training Operator v1 (kubeflow.org/v1 PyTorchJob).
 
     workers is the number of pods (nodes), the Master included: workers=1 is a
@@ -263,7 +276,7 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
         run_policy["activeDeadlineSeconds"] = active_deadline_seconds
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": _meta(name, namespace, "train"),
+        "metadata": _meta(name, namespace, "train", labels),
         "spec": {"nprocPerNode": str(nproc_per_node), "runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
     }
 
@@ -274,7 +287,7 @@ def trainjob(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, mo
              node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
              service_account_name: str = WORKLOAD_SA, s3_secret_name: str = S3_SECRET,
              runtime: str = TRAINJOB_RUNTIME, active_deadline_seconds: int | None = None,
-             shm_size: str = "2Gi") -> dict:
+             shm_size: str = "2Gi", labels: Mapping[str, str] | None = None) -> dict:
     """The same training for Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob).
 
     It references the ``torch-distributed`` ClusterTrainingRuntime that Trainer v2
@@ -309,7 +322,7 @@ def trainjob(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, mo
     if active_deadline_seconds:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-            "metadata": _meta(name, namespace, "train"), "spec": spec}
+            "metadata": _meta(name, namespace, "train", labels), "spec": spec}
 
 
 # ---------------------------------------------------------------- tuning
@@ -330,7 +343,7 @@ def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, 
                algorithm: str = "tpe", parallel_trials: int = 2, max_trials: int = 12, max_failed_trials: int = 3,
                space: Sequence[search_space.Param] = search_space.SEARCH_SPACE,
                early_stopping_min_trials: int = 3, early_stopping_start_step: int = 2,
-               trial_deadline_seconds: int | None = None) -> dict:
+               trial_deadline_seconds: int | None = None, labels: Mapping[str, str] | None = None) -> dict:
     """The Katib Experiment (kubeflow.org/v1beta1): each trial is ``pytorchjob(...)``
     with the searched flags filled in by Katib and its model written under
     ``trials_uri/<trial name>``.
@@ -364,7 +377,7 @@ def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, 
     objective = search_space.OBJECTIVE_METRIC
     return {
         "apiVersion": "kubeflow.org/v1beta1", "kind": "Experiment",
-        "metadata": _meta(name, namespace, "tune"),
+        "metadata": _meta(name, namespace, "tune", labels),
         "spec": {
             "objective": {"type": search_space.OBJECTIVE_GOAL, "objectiveMetricName": objective,
                           "additionalMetricNames": list(search_space.ADDITIONAL_METRICS),
@@ -406,7 +419,8 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
                       min_replicas: int = 1, max_replicas: int = 3, scale_metric: str = "concurrency",
                       scale_target: int = 8, service_account_name: str = WORKLOAD_SA,
                       node_selector: Mapping[str, str] | None = None,
-                      tolerations: Sequence[Mapping] | None = None) -> dict:
+                      tolerations: Sequence[Mapping] | None = None,
+                      labels: Mapping[str, str] | None = None) -> dict:
     """The InferenceService (serving.kserve.io/v1beta1) with the custom predictor.
 
     STORAGE_URI on the ``kserve-container`` makes KServe's storage initializer
@@ -421,7 +435,7 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
     volumes, mounts = _scratch_volumes(None)
     container = {
         "name": PREDICTOR_CONTAINER, "image": image or images.image("server"), "imagePullPolicy": "IfNotPresent",
-        "command": ["bincounter", "serve"],
+        # The server image's ENTRYPOINT is `tini -- bincounter serve`; only its flags are set here.
         "args": ["--model", "/mnt/models", "--model-name", model_name, "--port", str(SERVER_PORT)],
         "env": [{"name": "STORAGE_URI", "value": storage_uri}] + _base_env(),
         "ports": [{"containerPort": SERVER_PORT, "protocol": "TCP"}],
@@ -445,6 +459,6 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         predictor["nodeSelector"] = dict(node_selector)
     if tolerations:
         predictor["tolerations"] = [dict(t) for t in tolerations]
-    meta = _meta(name, namespace, "serve")
+    meta = _meta(name, namespace, "serve", labels)
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}
