@@ -256,3 +256,18 @@ def test_inference_service_custom_predictor():
     assert p["serviceAccountName"] == o.WORKLOAD_SA
     with pytest.raises(ValueError, match="scale_metric"):
         o.inference_service(storage_uri="s3://b/m", scale_metric="gpu")
+
+
+@needs_kubectl
+def test_kustomize_edit_set_image_reaches_every_trainer_container(tmp_path):
+    """docs/kubernetes.md tells users to retag with kustomize's images transformer."""
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [{MANIFESTS / 'base'}]\n"
+        "images: [{name: ghcr.io/bincounter/bincounter-trainer, newName: my.registry/t, newTag: '9'}]\n")
+    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    objs = k8s_schemas.load_all(out.stdout)
+    trainer_images = [c["image"] for obj in objs for _, spec, _ in pod_templates(obj) for c in spec["containers"]
+                      if obj["kind"] != "InferenceService"]
+    assert len(trainer_images) == 3 and set(trainer_images) == {"my.registry/t:9"}
