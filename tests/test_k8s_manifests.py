@@ -3,6 +3,7 @@ kubectl kustomize, and every rendered object validates strictly against the
 upstream schemas (tests/k8s_schemas.py says which)."""
 
 import copy
+import os
 import pathlib
 import shutil
 import subprocess
@@ -261,8 +262,9 @@ def test_inference_service_custom_predictor():
 @needs_kubectl
 def test_kustomize_edit_set_image_reaches_every_trainer_container(tmp_path):
     """docs/kubernetes.md tells users to retag with kustomize's images transformer."""
+    base = os.path.relpath(MANIFESTS / "base", tmp_path)  # kustomize refuses absolute resource paths
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{MANIFESTS / 'base'}]\n"
+        f"resources: [{base}]\n"
         "images: [{name: ghcr.io/bincounter/bincounter-trainer, newName: my.registry/t, newTag: '9'}]\n")
     out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
