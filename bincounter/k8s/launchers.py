@@ -14,6 +14,7 @@ The cluster is reached through the official ``kubernetes`` client; pass an
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,9 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
         except k8s_config.ConfigException:
             pass
     cfg = k8s.Configuration()
-    k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    # The client reads $KUBECONFIG once, at import; read it now so a later setting counts.
+    k8s_config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), context=context,
+                                client_configuration=cfg)
     return k8s.ApiClient(cfg)
 
 
@@ -492,7 +495,7 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
 
 
 def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, storage_uri: str,
-           image: str | None = None, cpu: str = "1", memory: str = "2Gi", min_replicas: int = 1,
+           model_name: str = o.MODEL_NAME, image: str | None = None, cpu: str = "1", memory: str = "2Gi", min_replicas: int = 1,
            max_replicas: int = 3, scale_metric: str = "concurrency", scale_target: int = 8,
            node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
            labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
@@ -509,7 +512,7 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
     Returns {"url" (status.url, external), "internal_url" (status.address.url),
     "model_url" (V1 predict URL), "name", "namespace", "generation", "storage_uri"}.
     """
-    obj = o.inference_service(name, namespace, storage_uri=storage_uri, image=image,
+    obj = o.inference_service(name, namespace, storage_uri=storage_uri, image=image, model_name=model_name,
                               resources=o.Resources(cpu=cpu, memory=memory), min_replicas=min_replicas,
                               max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
                               node_selector=node_selector, tolerations=tolerations, labels=labels,
@@ -561,7 +564,7 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
     url = st.get("url")
     internal = (st.get("address") or {}).get("url")
     result = {"url": url, "internal_url": internal,
-              "model_url": f"{(internal or url or '').rstrip('/')}/v1/models/{o.MODEL_NAME}:predict",
+              "model_url": f"{(internal or url or '').rstrip('/')}/v1/models/{model_name}:predict",
               "name": name, "namespace": namespace, "generation": generation, "storage_uri": storage_uri}
     log(f"InferenceService {name} is Ready: {url} (in-cluster {internal})")
     return result

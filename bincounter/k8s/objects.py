@@ -60,6 +60,20 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
+
+def placement(spot: bool, gpus: int) -> tuple[dict[str, str] | None, list[dict] | None]:
+    """(node selector, tolerations) for a pod: spot nodes when asked, GPU nodes when it uses GPUs."""
+    selector: dict[str, str] = {}
+    tolerations: list[dict] = []
+    if spot:
+        selector["karpenter.sh/capacity-type"] = "spot"
+        tolerations.append(dict(SPOT_TOLERATIONS[1]))
+    if gpus > 0:
+        selector["nvidia.com/gpu.present"] = "true"
+        tolerations.append(dict(SPOT_TOLERATIONS[0]))
+    return selector or None, tolerations or None
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """Requests of one pod (a training node or a predictor replica); limits equal

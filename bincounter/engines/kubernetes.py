@@ -1,0 +1,125 @@
+"""The Kubernetes engine: the pipeline's train, tune and deploy steps on a cluster.
+
+A thin adapter from the engine interface the KFP components call (the same one as
+``bincounter.engines.local``, returning ``TrainResult``, ``TuneResult`` and
+``Deployment``) to the launchers in ``bincounter.k8s.launchers``. Every object is
+labelled with the pipeline run id, so ``cleanup(run_id)`` (the exit handler) finds
+what a failed or cancelled run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Sequence
+
+from bincounter import images, search_space, storage
+from bincounter.engines import Deployment, TrainResult, TuneResult
+from bincounter.k8s import launchers, objects as o
+
+# Katib trial condition -> the optuna-style state the components count (as the local engine reports).
+TRIAL_STATES = {"Succeeded": "COMPLETE", "EarlyStopped": "PRUNED", "Failed": "FAIL", "MetricsUnavailable": "FAIL",
+                "Killed": "KILLED", "Running": "RUNNING", "Created": "RUNNING", "Pending": "PENDING"}
+# Seconds between status checks (a Katib trial or a training epoch takes minutes).
+POLL_S = {"train": 10.0, "tune": 15.0, "deploy": 5.0}
+
+
+def object_name(stage: str, run_id: str) -> str:
+    """A DNS-1035 name per stage and run, short enough for Katib's trial and pod names."""
+    short = re.sub(r"[^a-z0-9]", "", (run_id or "").lower())[:12] or "manual"
+    return f"bincounter-{stage}-{short}"
+
+
+def _image(role: str, image_tag: str | None) -> str:
+    return images.image(role, tag_=image_tag or None)
+
+
+def _final_metrics(model_uri: str) -> dict[str, float]:
+    """The last epoch's metrics, from the metrics.json that bincounter.train writes next to the model."""
+    uri = storage.join(model_uri, "metrics.json")
+    if not storage.exists(uri):
+        return {}
+    final = json.loads(storage.read_bytes(uri)).get("final") or {}
+    return {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
+
+
+def train(data: str, output: str, train_args: Sequence[str] = (), *, workers: int = 1, gpus_per_worker: int = 0,
+          use_trainjob: bool = False, run_id: str = "", namespace: str = o.DEFAULT_NAMESPACE,
+          image_tag: str | None = None, spot: bool = False, s3_secret: str = o.S3_SECRET,
+          deadline_s: float = 24 * 3600, cpu: str = "4", memory: str = "16Gi") -> TrainResult:
+    """Run the training as a PyTorchJob (or TrainJob) with one process per GPU (one on CPU).
+
+    A retried step replaces the job of the same run; with ``--resume`` in train_args the
+    new job continues from the last checkpoint in ``output``.
+    """
+    node_selector, tolerations = o.placement(spot, gpus_per_worker)
+    result = launchers.train(
+        object_name("train", run_id), namespace, data_uri=data, model_uri=output,
+        kind="TrainJob" if use_trainjob else "PyTorchJob", extra_args=list(train_args),
+        image=_image("trainer", image_tag), workers=workers, nproc_per_node=max(1, gpus_per_worker),
+        gpus_per_worker=gpus_per_worker, cpu=cpu, memory=memory, node_selector=node_selector,
+        tolerations=tolerations, labels=launchers.run_labels(run_id) if run_id else None,
+        s3_secret_name=s3_secret, timeout_s=deadline_s, poll_s=POLL_S["train"], replace=True)
+    return TrainResult(model_uri=output, metrics=_final_metrics(output), seconds=result["seconds"],
+                       gpu_hours=result["gpu_hours"])
+
+
+def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int = 12, parallelism: int = 2,
+         max_failed_trials: int = 3, gpus_per_trial: int = 0, run_id: str = "",
+         namespace: str = o.DEFAULT_NAMESPACE, image_tag: str | None = None, spot: bool = False,
+         s3_secret: str = o.S3_SECRET, deadline_s: float = 24 * 3600, algorithm: str = "tpe",
+         cpu: str = "4", memory: str = "16Gi") -> TuneResult:
+    """Run the Katib Experiment; trial models go under ``output/<trial name>``; writes
+    ``output/tuning.json`` like the local engine."""
+    node_selector, tolerations = o.placement(spot, gpus_per_trial)
+    result = launchers.tune(
+        object_name("tune", run_id), namespace, data_uri=data, trials_uri=output, extra_args=list(fixed_args),
+        image=_image("trainer", image_tag), workers=1, nproc_per_node=max(1, gpus_per_trial),
+        gpus_per_worker=gpus_per_trial, cpu=cpu, memory=memory, node_selector=node_selector,
+        tolerations=tolerations, algorithm=algorithm, parallel_trials=min(parallelism, trials), max_trials=trials,
+        max_failed_trials=max_failed_trials, labels=launchers.run_labels(run_id) if run_id else None,
+        s3_secret_name=s3_secret, timeout_s=deadline_s, poll_s=POLL_S["tune"], replace=True)
+    objective = search_space.OBJECTIVE_METRIC
+    records: list[dict[str, Any]] = [
+        {"name": t["name"], "state": TRIAL_STATES.get(t["state"], t["state"].upper()),
+         "params": t["parameters"], "value": t[objective], "dir": storage.join(output, t["name"])}
+        for t in result["trial_list"]]
+    tuned = TuneResult(best_params=result["best_hyperparameters"],
+                       best_value=float(result["best_metrics"].get(objective, float("nan"))),
+                       trials=records, seconds=result["seconds"], gpu_hours=result["gpu_hours"])
+    storage.write_bytes(storage.join(output, "tuning.json"), json.dumps({
+        "objective": {"metric": objective, "goal": search_space.OBJECTIVE_GOAL},
+        "best_params": tuned.best_params, "best_value": tuned.best_value, "best_trial": result["best_trial"],
+        "trials": records, "seconds": tuned.seconds, "gpu_hours": tuned.gpu_hours, "fixed_args": list(fixed_args),
+        "experiment": f"{namespace}/{result['name']}",
+    }, indent=2).encode())
+    return tuned
+
+
+def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "",
+           namespace: str = o.DEFAULT_NAMESPACE, image_tag: str | None = None, min_replicas: int = 1,
+           max_replicas: int = 3, s3_secret: str = o.S3_SECRET, deadline_s: float = 1800) -> Deployment:
+    """Create or update the InferenceService ``model_name`` and wait until it serves the new model.
+
+    ``s3_secret`` is found by KServe through the ``bincounter`` ServiceAccount (the manifests
+    list it there); it is accepted for symmetry with train and tune and must match that Secret.
+    The returned URL is the in-cluster address (a pipeline step calls it from inside the cluster).
+    """
+    if s3_secret != o.S3_SECRET:
+        raise ValueError(f"The InferenceService reads S3 credentials through ServiceAccount {o.WORKLOAD_SA!r}, "
+                         f"which lists Secret {o.S3_SECRET!r}; got s3_secret={s3_secret!r}. "
+                         f"Name the Secret {o.S3_SECRET!r} or list it on the ServiceAccount.")
+    result = launchers.deploy(model_name, namespace, storage_uri=model_uri, model_name=model_name,
+                              image=_image("server", image_tag), min_replicas=min_replicas,
+                              max_replicas=max_replicas, labels=launchers.run_labels(run_id) if run_id else None,
+                              timeout_s=deadline_s, poll_s=POLL_S["deploy"], replace=True)
+    url = result["internal_url"] or result["url"]
+    return Deployment(url=url, model_name=model_name, handle=f"{namespace}/{model_name}",
+                      details={"external_url": result["url"], "internal_url": result["internal_url"],
+                               "generation": result["generation"], "predict_v1": result["model_url"],
+                               "infer_v2": f"{url}/v2/models/{model_name}/infer", "client": {}})
+
+
+def cleanup(run_id: str, *, namespace: str = o.DEFAULT_NAMESPACE) -> list[str]:
+    """Delete the PyTorchJobs, TrainJobs and Experiments of a failed or cancelled run."""
+    return launchers.cleanup_run(run_id, namespace)
