@@ -1,0 +1,66 @@
+"""Component: split the downloaded bins into train/val/test WebDataset shards."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from bincounter.images import image  # compile time only: the image name, from its one definition
+
+
+@dsl.component(base_image=image("pipeline"), install_kfp_package=False)
+def split(
+    raw: Input[Dataset],
+    shards: Output[Dataset],
+    work_uri: str,
+    run_id: str,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    short_side: int = 320,
+    shard_size: int = 1000,
+    workers: int = 8,
+    s3_endpoint_url: str = "",
+):
+    """Write stratified train/val/test shards to ``{work_uri}/runs/{run_id}/split``.
+
+    Training pods on a cluster read the shards from the working store, so they
+    go there, not into the artifact; the ``shards`` artifact holds the split's
+    ``manifest.json``, class distribution and sample images (shown in the UI)
+    and records the shards' prefix in ``metadata['uri']``.
+
+    Args:
+        raw: The download (``metadata['uri']`` is the ABID-layout prefix).
+        shards: Output. Manifest, class distribution and plots; ``metadata['uri']`` is the split prefix.
+        work_uri: Working store prefix.
+        run_id: The pipeline run id; names this run's folder in the working store.
+        val: Validation fraction per class.
+        test: Test fraction per class.
+        seed: Assignment and shard-order seed.
+        short_side: Images are resized so their short side is this many pixels.
+        shard_size: Samples per shard.
+        workers: Parallel image readers and resizers.
+        s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
+    """
+    import os
+    import time
+
+    from bincounter import storage
+    from bincounter.data import download as download_lib
+    from bincounter.data import split as split_lib
+    from bincounter.data.shards import MANIFEST
+
+    start = time.monotonic()
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    out = storage.join(work_uri, "runs", run_id, "split")
+    # The download's manifest, not a listing: it names exactly this run's selection (the shared
+    # folder may hold more bins from earlier runs) and spares reading every metadata file.
+    source = storage.join(raw.metadata.get("uri") or raw.path, download_lib.MANIFEST)
+    manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
+                               short_side=short_side, shard_size=shard_size, workers=workers)
+    os.makedirs(shards.path, exist_ok=True)
+    for rel in [MANIFEST, *manifest.get("files", {}).values()]:
+        storage.download_file(storage.join(out, rel), os.path.join(shards.path, rel))
+    shards.metadata.update({
+        "uri": out, "samples": {name: s["samples"] for name, s in manifest["splits"].items()},
+        "skipped": len(manifest["skipped"]), "seconds": round(time.monotonic() - start, 2)})
+    print(split_lib.summary_text(manifest))
