@@ -1,0 +1,178 @@
+"""`bincounter evaluate`: counting metrics of a model folder on a split (and the metrics validation uses).
+
+The metric functions are pure (labels in, numbers out) so they can be checked
+against values worked out by hand; ``evaluate`` runs a model over shards and
+calls them. Counts are class indices: with ``--k-or-more`` the last class means
+"K or more" and counts as K in RMSE/MAE.
+
+Example::
+
+    bincounter evaluate --model runs/model --data runs/split --split test --output runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from bincounter import storage
+
+METRICS_FILE = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """``cm[t, p]`` = how many samples of true class ``t`` were predicted as ``p``."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {y_true.shape} vs {y_pred.shape}")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} has labels outside 0..{num_classes - 1}: {sorted(set(y.tolist()))}")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+    """All metrics from a confusion matrix (rows: true count, columns: predicted count).
+
+    Precision, recall and F1 of a class with no predictions / no samples are 0
+    (as scikit-learn's ``zero_division=0``). RMSE and MAE treat class ``i`` as count ``i``.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    n = int(cm.sum())
+    if n == 0:
+        raise ValueError("No samples to compute metrics on (is the split empty after dropping counts above K?)")
+    true_idx, pred_idx = np.indices(cm.shape)
+    err = (pred_idx - true_idx).astype(np.float64)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    per_class = []
+    for i in range(k):
+        precision = tp[i] / predicted[i] if predicted[i] else 0.0
+        recall = tp[i] / support[i] if support[i] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": names[i], "precision": precision, "recall": recall, "f1": f1,
+                          "support": int(support[i])})
+    return {
+        "samples": n,
+        "accuracy": float(tp.sum() / n),
+        "rmse": math.sqrt(float((cm * err ** 2).sum() / n)),
+        "mae": float((cm * np.abs(err)).sum() / n),
+        "within1": float(cm[np.abs(err) <= 1].sum() / n),
+        "macro_f1": float(np.mean([c["f1"] for c in per_class])),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "class_names": names,
+    }
+
+
+def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
+                    class_names: Sequence[str] | None = None) -> dict:
+    """Accuracy, per-class precision/recall/F1, confusion matrix, RMSE, MAE and accuracy within +-1."""
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), class_names)
+
+
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
+    """The confusion matrix as a PNG (rows: true count, columns: predicted), each cell annotated."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in pods
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(class_names), 0.8 + 0.7 * len(class_names)), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted count")
+    ax.set_ylabel("true count")
+    if title:
+        ax.set_title(title)
+    threshold = cm.max() / 2 if cm.size else 0
+    for (t, p), v in np.ndenumerate(cm):
+        ax.text(p, t, str(v), ha="center", va="center", color="white" if v > threshold else "black", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def evaluate(model_dir: str, data: str, split: str = "test", output: str | None = None, *,
+             batch_size: int = 64, workers: int = 2, device: str = "auto") -> dict:
+    """Run the model folder over one split of a split folder and return its metrics.
+
+    With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json`` and
+    ``confusion_matrix.png`` there. Samples above the model's K are dropped, or
+    mapped to the last class when the model was trained with ``k_or_more``, as in training.
+    """
+    import torch
+
+    from bincounter import distributed, model as model_lib, presets
+    from bincounter.data import shards
+    # Imported here: train imports this module's metric functions at its top.
+    from bincounter.train import ShardDataset, make_loader
+
+    dev = distributed.select_device(device, distributed.DistEnv())
+    net, cfg = model_lib.load_model_dir(model_dir, device=dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    dataset = ShardDataset(shards.shard_uris(data, split),
+                           presets.eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std),
+                           max_count=cfg.max_count, k_or_more=cfg.k_or_more)
+    loader = make_loader(dataset, batch_size, workers, dev)
+    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
+    with torch.inference_mode():
+        for images, targets in loader:
+            images = images.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            preds = net(images).argmax(dim=1).cpu()
+            cm += torch.bincount(targets * cfg.num_classes + preds, minlength=cfg.num_classes ** 2).view_as(cm)
+    metrics = metrics_from_confusion(cm.numpy(), cfg.class_names)
+    metrics.update(split=split, model=str(model_dir), data=str(data))
+    if output:
+        storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+        storage.write_bytes(storage.join(output, CONFUSION_PNG),
+                            plot_confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+    return metrics
+
+
+def summary_line(metrics: dict, prefix: str = "test") -> str:
+    """``test-accuracy=0.5500 test-rmse=0.9300 ...``: the same name=value shape as the training lines."""
+    keys = ("accuracy", "rmse", "mae", "within1", "macro_f1")
+    return " ".join(f"{prefix}-{k.replace('_', '-')}={metrics[k]:.4f}" for k in keys) + f" {prefix}-samples={metrics['samples']}"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder written by `bincounter train` (folder or s3:// prefix)")
+    p.add_argument("--data", required=True, help="split folder written by `bincounter split` (folder or s3:// prefix)")
+    p.add_argument("--split", default="test", help="which split of --data to evaluate")
+    p.add_argument("--output", default="", help="folder or s3:// prefix for metrics.json and confusion_matrix.png "
+                                                "(empty: print only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    metrics = evaluate(args.model, args.data, split=args.split, output=args.output or None,
+                       batch_size=args.batch_size, workers=args.workers, device=args.device)
+    print(summary_line(metrics, prefix=args.split), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
