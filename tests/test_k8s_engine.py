@@ -23,7 +23,7 @@ def double(tmp_path, monkeypatch):
         "apiVersion": "v1", "kind": "Config", "current-context": "double",
         "clusters": [{"name": "double", "cluster": {"server": d.url}}],
         "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "double", "context": {"cluster": "double", "user": "me"}}]}))
+        "contexts": [{"name": "double", "context": {"cluster": "double", "user": "me", "namespace": NS}}]}))
     monkeypatch.setenv("KUBECONFIG", str(cfg))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})
@@ -66,10 +66,11 @@ def test_tune_maps_katib_trials_to_the_local_engines_result(double, tmp_path):
 
 def test_deploy_returns_the_in_cluster_url_and_cleanup_removes_the_runs_jobs(double):
     double.script("inferenceservices", "counter", kd.isvc_rollout(NS, "counter", 1))
-    d = engine.deploy("s3://b/models/m", model_name="counter", run_id=RUN, namespace=NS)
+    # no namespace: the kubeconfig context's (inside a pipeline pod: the pod's own namespace)
+    d = engine.deploy("s3://b/models/m", model_name="counter", run_id=RUN)
     assert d.url == "http://counter.team-a.svc.cluster.local"
     assert d.details["predict_v1"] == "http://counter.team-a.svc.cluster.local/v1/models/counter:predict"
     double.put_object(o.pytorchjob("left-over", NS, data_uri="s3://b/d", model_uri="s3://b/m",
                                    labels={o.RUN_LABEL: RUN}), "pytorchjobs")
-    assert engine.cleanup(RUN, namespace=NS) == ["PyTorchJob/left-over"]
+    assert engine.cleanup(RUN) == ["PyTorchJob/left-over"]
     assert ("inferenceservices", NS, "counter") in double.objects

@@ -4,7 +4,8 @@ A thin adapter from the engine interface the KFP components call (the same one a
 ``bincounter.engines.local``, returning ``TrainResult``, ``TuneResult`` and
 ``Deployment``) to the launchers in ``bincounter.k8s.launchers``. Every object is
 labelled with the pipeline run id, so ``cleanup(run_id)`` (the exit handler) finds
-what a failed or cancelled run left behind.
+what a failed or cancelled run left behind. An empty namespace means the step pod's
+own namespace (the Kubeflow profile the run belongs to).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _final_metrics(model_uri: str) -> dict[str, float]:
 
 
 def train(data: str, output: str, train_args: Sequence[str] = (), *, workers: int = 1, gpus_per_worker: int = 0,
-          use_trainjob: bool = False, run_id: str = "", namespace: str = o.DEFAULT_NAMESPACE,
+          use_trainjob: bool = False, run_id: str = "", namespace: str = "",
           image_tag: str | None = None, spot: bool = False, s3_secret: str = o.S3_SECRET,
           deadline_s: float = 24 * 3600, cpu: str = "4", memory: str = "16Gi") -> TrainResult:
     """Run the training as a PyTorchJob (or TrainJob) with one process per GPU (one on CPU).
@@ -52,6 +53,7 @@ def train(data: str, output: str, train_args: Sequence[str] = (), *, workers: in
     A retried step replaces the job of the same run; with ``--resume`` in train_args the
     new job continues from the last checkpoint in ``output``.
     """
+    namespace = launchers.resolve_namespace(namespace)
     node_selector, tolerations = o.placement(spot, gpus_per_worker)
     result = launchers.train(
         object_name("train", run_id), namespace, data_uri=data, model_uri=output,
@@ -66,11 +68,12 @@ def train(data: str, output: str, train_args: Sequence[str] = (), *, workers: in
 
 def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int = 12, parallelism: int = 2,
          max_failed_trials: int = 3, gpus_per_trial: int = 0, run_id: str = "",
-         namespace: str = o.DEFAULT_NAMESPACE, image_tag: str | None = None, spot: bool = False,
+         namespace: str = "", image_tag: str | None = None, spot: bool = False,
          s3_secret: str = o.S3_SECRET, deadline_s: float = 24 * 3600, algorithm: str = "tpe",
          cpu: str = "4", memory: str = "16Gi") -> TuneResult:
     """Run the Katib Experiment; trial models go under ``output/<trial name>``; writes
     ``output/tuning.json`` like the local engine."""
+    namespace = launchers.resolve_namespace(namespace)
     node_selector, tolerations = o.placement(spot, gpus_per_trial)
     result = launchers.tune(
         object_name("tune", run_id), namespace, data_uri=data, trials_uri=output, extra_args=list(fixed_args),
@@ -96,8 +99,7 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
     return tuned
 
 
-def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "",
-           namespace: str = o.DEFAULT_NAMESPACE, image_tag: str | None = None, min_replicas: int = 1,
+def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", namespace: str = "", image_tag: str | None = None, min_replicas: int = 1,
            max_replicas: int = 3, s3_secret: str = o.S3_SECRET, deadline_s: float = 1800) -> Deployment:
     """Create or update the InferenceService ``model_name`` and wait until it serves the new model.
 
@@ -109,6 +111,7 @@ def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "",
         raise ValueError(f"The InferenceService reads S3 credentials through ServiceAccount {o.WORKLOAD_SA!r}, "
                          f"which lists Secret {o.S3_SECRET!r}; got s3_secret={s3_secret!r}. "
                          f"Name the Secret {o.S3_SECRET!r} or list it on the ServiceAccount.")
+    namespace = launchers.resolve_namespace(namespace)
     result = launchers.deploy(model_name, namespace, storage_uri=model_uri, model_name=model_name,
                               image=_image("server", image_tag), min_replicas=min_replicas,
                               max_replicas=max_replicas, labels=launchers.run_labels(run_id) if run_id else None,
@@ -120,6 +123,6 @@ def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "",
                                "infer_v2": f"{url}/v2/models/{model_name}/infer", "client": {}})
 
 
-def cleanup(run_id: str, *, namespace: str = o.DEFAULT_NAMESPACE) -> list[str]:
+def cleanup(run_id: str, *, namespace: str = "") -> list[str]:
     """Delete the PyTorchJobs, TrainJobs and Experiments of a failed or cancelled run."""
-    return launchers.cleanup_run(run_id, namespace)
+    return launchers.cleanup_run(run_id, launchers.resolve_namespace(namespace))

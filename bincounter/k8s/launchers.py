@@ -55,6 +55,24 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     return k8s.ApiClient(cfg)
 
 
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def resolve_namespace(namespace: str | None = None) -> str:
+    """namespace if given, else this pod's own namespace (a pipeline step in a Kubeflow profile),
+    else the kubeconfig context's namespace, else bincounter's default."""
+    if namespace:
+        return namespace
+    if os.path.exists(SA_NAMESPACE_FILE):
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip()
+    try:
+        _, context = k8s_config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
+        return (context or {}).get("context", {}).get("namespace") or o.DEFAULT_NAMESPACE
+    except (k8s_config.ConfigException, OSError):
+        return o.DEFAULT_NAMESPACE
+
+
 # ---------------------------------------------------------------- cluster access
 
 class _Cluster:
