@@ -33,10 +33,18 @@ clean:
 DOCKER ?= docker
 PLATFORM ?= linux/amd64
 images_py = $(PYTHON) -m bincounter.images
-REGISTRY ?= $(shell $(PYTHON) -c 'from bincounter import images; print(images.registry())')
-TAG ?= $(shell $(PYTHON) -c 'from bincounter import images; print(images.tag())')
-IMAGE_ROLES = $(shell $(images_py) roles)
-image_ref = $(shell $(images_py) ref $(1) --registry '$(REGISTRY)' --tag '$(TAG)')
+# Asked once per make run (:=), and only when not given on the command line or in the environment.
+ifeq ($(origin REGISTRY),undefined)
+REGISTRY := $(shell $(PYTHON) -c 'from bincounter import images; print(images.registry())')
+endif
+ifeq ($(origin TAG),undefined)
+TAG := $(shell $(PYTHON) -c 'from bincounter import images; print(images.tag())')
+endif
+# One call: `role=reference=Dockerfile` words, looked up per role below.
+IMAGE_LIST := $(shell $(images_py) list --format make --registry '$(REGISTRY)' --tag '$(TAG)' 2>/dev/null)
+IMAGE_ROLES := $(foreach i,$(IMAGE_LIST),$(firstword $(subst =, ,$(i))))
+image_ref = $(word 2,$(subst =, ,$(filter $(1)=%,$(IMAGE_LIST))))
+image_dockerfile = $(word 3,$(subst =, ,$(filter $(1)=%,$(IMAGE_LIST))))
 
 .PHONY: images push image-names
 
@@ -47,7 +55,7 @@ image-names:
 images: image-names $(addprefix image-,$(IMAGE_ROLES))
 
 image-%: image-names
-	$(DOCKER) build --platform $(PLATFORM) --file $(shell $(images_py) dockerfile $*) --tag $(call image_ref,$*) .
+	$(DOCKER) build --platform $(PLATFORM) --file $(call image_dockerfile,$*) --tag $(call image_ref,$*) .
 
 push: images $(addprefix push-,$(IMAGE_ROLES))
 

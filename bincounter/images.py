@@ -76,6 +76,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--registry", default=None,
                         help="registry (default: $BINCOUNTER_REGISTRY or %s)" % DEFAULT_REGISTRY)
     parser.add_argument("--tag", default=None, help="tag (default: $BINCOUNTER_TAG or %s)" % DEFAULT_TAG)
+    parser.add_argument("--format", choices=["text", "make"], default="text",
+                        help="list format: text (default) or make (role=reference=Dockerfile words, for the Makefile)")
     return parser
 
 
@@ -89,8 +91,9 @@ def main(args: argparse.Namespace) -> int:
     elif args.what == "ref":
         print(image(args.role, registry_=args.registry, tag_=args.tag))
     else:
+        sep = "=" if args.format == "make" else " "
         for role, (_, dockerfile) in IMAGES.items():
-            print(role, image(role, registry_=args.registry, tag_=args.tag), dockerfile)
+            print(role, image(role, registry_=args.registry, tag_=args.tag), dockerfile, sep=sep)
     return 0
 
 
