@@ -189,3 +189,85 @@ def test_auth_auto_and_anonymous_reads(s3_bucket, tmp_path, monkeypatch):
     assert private["skipped_by_reason"] == {abid.FETCH_FAILED: 3}
     summary = download(dest=str(tmp_path / "dl"), source=f"s3://{s3_bucket}/public", progress=False)
     assert summary["auth"] == "unsigned" and summary["selected"] == 3 and summary["objects_fetched"] == 6
+
+
+class _FlakyProxy:
+    """An HTTP proxy in front of moto that fails each object GET twice before serving it:
+    first a 503 SlowDown (throttling), then a body cut off midway (a broken stream)."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+        hits: dict[str, int] = {}
+        lock = threading.Lock()
+        self.failures = {"throttled": 0, "truncated": 0}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                flaky = self.command == "GET" and "?" not in self.path and self.path.count("/") >= 3
+                with lock:
+                    n = hits[self.path] = hits.get(self.path, 0) + 1
+                if flaky and n == 1:
+                    err = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
+                    outer.failures["throttled"] += 1
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body or None, dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                if flaky and n == 2 and resp.status == 200:
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])  # then hang up: the client sees a short body
+                    self.close_connection = True
+                    outer.failures["truncated"] += 1
+                    return
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_retries_throttling_and_broken_streams(s3_endpoint, s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}"
+    made = synthesize(src, images=4, max_count=3, seed=4)
+    with _FlakyProxy(s3_endpoint) as proxy:
+        summary = download(dest=str(tmp_path / "dl"), source=src, endpoint_url=proxy.url, workers=4, progress=False)
+    assert proxy.failures == {"throttled": 8, "truncated": 8}  # every object failed twice
+    assert summary["selected"] == 4 and summary["skipped"] == 0 and summary["class_counts"] == made["class_counts"]
+    assert summary["retries"] == 8  # broken streams are retried by download; 503s by botocore
+    for rel, _ in storage.list_files(src):
+        assert (tmp_path / "dl" / rel).read_bytes() == storage.read_bytes(f"{src}/{rel}")
