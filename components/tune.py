@@ -98,7 +98,7 @@ def tune(
 
         result = kubernetes.tune(data, out, fixed, trials=trials, parallelism=parallelism,
                                  max_failed_trials=max_failed_trials, gpus_per_trial=gpus_per_trial,
-                                 run_id=run_id, namespace=namespace, image_tag=image_tag, spot=spot,
+                                 run_id=run_id, namespace=engines.resolve_namespace(namespace), image_tag=image_tag, spot=spot,
                                  s3_secret=s3_secret, deadline_s=deadline_minutes * 60)
     states = [t.get("state", "") for t in result.trials]
     tuning.log_metric("best-val-accuracy", result.best_value)
