@@ -20,11 +20,14 @@ import binascii
 import concurrent.futures
 import dataclasses
 import json
+import math
+import os
 import sys
 import uuid
 from typing import Any
 
 import kserve
+import kserve.logging
 import kserve.model_server
 import numpy as np
 import torch
@@ -191,6 +194,23 @@ class BinCounterModel(kserve.Model):
                              parameters={"classes": json.dumps(self.counter.config.class_names)})
 
 
+def cpu_limit() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a pod's CPU limit).
+
+    torch sizes its thread pool from the host's core count; in a pod limited to 2 CPUs on a
+    64-core node that means 64 spinning threads throttled to 2 CPUs, many times slower.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # KServe's own flags (--workers, --enable_grpc, --grpc_port, ...) come with its parser.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
@@ -210,7 +230,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
                         help="how to run the network (docs/benchmarks/serving.md compares them)")
     parser.add_argument("--torch-threads", default=0, type=int,
-                        help="torch intra-op threads for the forward pass; 0 keeps torch's default (one per core)")
+                        help="torch intra-op threads for the forward pass; 0: $OMP_NUM_THREADS if set, "
+                             "else the CPUs the process may use (affinity and cgroup CPU limit)")
     # Our defaults for KServe's flags: the endpoint name, and REST only (an InferenceService
     # exposes one port; pass --enable_grpc true for gRPC on --grpc_port).
     parser.set_defaults(model_name="bincounter", enable_grpc=False)
@@ -218,11 +239,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.configure_logging:  # before load(), so its log lines show (ModelServer would do it later)
+        kserve.logging.configure_logging(args.log_config_file)
     # PIL's own bomb guard (a process-wide setting) follows our limit too; decode_image turns its
     # warning above the limit into an error, so no pixel of a too-large image is decoded.
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(cpu_limit())
+    logger.info("torch uses %d intra-op threads", torch.get_num_threads())
     model = BinCounterModel(args.model_name, args.model, runtime=args.runtime, max_batch_size=args.max_batch_size,
                             max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes)
     try:
