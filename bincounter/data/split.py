@@ -202,7 +202,7 @@ def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None
         ax.bar([c + (k - 1) * width for c in classes], [cc.get(str(c), 0) for c in classes], width, label=name)
     ax.set(xlabel="items in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class distribution")
     ax.set_xticks(classes)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
     _save_fig(fig, storage.join(out, "class_distribution.png"), endpoint_url)
 
     cols = 4

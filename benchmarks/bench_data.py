@@ -1,0 +1,195 @@
+"""Benchmark the data layer on this machine and write docs/benchmarks/data.md.
+
+1. ``bincounter download`` objects/s with ``--workers 16`` against ``--workers 1`` (baseline),
+   from a local S3 endpoint (moto server mode on 127.0.0.1) to a local folder.
+2. Reading + decoding training images from the split's WebDataset shards (short side 320)
+   against reading + decoding the original JPEGs one file each (baseline), both from the
+   local disk and from the S3 endpoint.
+
+Images are real ABID images: the 31-image sample in tests/data/abid-sample, replicated under
+new ids (``--copies``), so sizes and JPEG content are those of the real bucket (the synthetic
+generator's images are smaller). Every figure is the median of ``--repeats`` runs.
+
+    .venv/bin/python benchmarks/bench_data.py            # writes docs/benchmarks/data.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from PIL import Image  # noqa: E402
+
+from bincounter import storage  # noqa: E402
+from bincounter.data import abid, shards  # noqa: E402
+from bincounter.data.download import download  # noqa: E402
+from bincounter.data.split import split  # noqa: E402
+
+SAMPLE = REPO / "tests" / "data" / "abid-sample"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def _median_rate(fn, n_items: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return n_items / statistics.median(times)
+
+
+def replicate_sample(root: Path, copies: int) -> int:
+    """Lay the real sample out in ABID layout ``copies`` times under fresh zero-padded ids."""
+    pairs = sorted(p.stem for p in SAMPLE.glob("*.jpg"))
+    n = 0
+    for c in range(copies):
+        for stem in pairs:
+            n += 1
+            id_ = f"{n:05d}"
+            storage.upload_file(SAMPLE / f"{stem}.jpg", str(root / abid.IMAGES_DIR / f"{id_}.jpg"))
+            storage.upload_file(SAMPLE / f"{stem}.json", str(root / abid.METADATA_DIR / f"{id_}.json"))
+    return n
+
+
+def decode_all_originals(root: str, ids: list[str]) -> None:
+    for id_ in ids:
+        Image.open(io.BytesIO(storage.read_bytes(abid.image_uri(root, id_)))).convert("RGB")
+
+
+def decode_all_shards(split_root: str) -> int:
+    n = 0
+    for name in shards.SPLITS:
+        for uri in shards.shard_uris(split_root, name):
+            for s in shards.iter_shard(uri):
+                Image.open(io.BytesIO(s.jpeg)).convert("RGB")
+                n += 1
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--copies", type=int, default=10, help="replicate the 31 real images this many times")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (median reported)")
+    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "data.md"), help="markdown report")
+    args = p.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    storage.s3_client.cache_clear()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        src_local = tmp / "abid"
+        n = replicate_sample(src_local, args.copies)
+        mean_kb = sum(p.stat().st_size for p in (src_local / abid.IMAGES_DIR).iterdir()) / n / 1024
+        storage.s3_client().create_bucket(Bucket="bench-abid")
+        for rel, _ in storage.list_files(str(src_local)):
+            storage.upload_file(src_local / rel, f"s3://bench-abid/{rel}")
+        print(f"{n} real ABID images ({mean_kb:.1f} KB mean) on s3://bench-abid at 127.0.0.1:{port}", flush=True)
+
+        # 1. download: objects/s, 2 objects (image + metadata) per bin; every run starts empty
+        rates = {}
+        for workers in (1, 16):
+            def run(w=workers):
+                dest = tmp / f"dl-{w}"
+                shutil.rmtree(dest, ignore_errors=True)
+                s = download(dest=str(dest), source="s3://bench-abid", workers=w, progress=False)
+                assert s["objects_fetched"] == 2 * n and s["selected"] == n, s
+            rates[workers] = _median_rate(run, 2 * n, args.repeats)
+            print(f"download --workers {workers}: {rates[workers]:.1f} objects/s", flush=True)
+
+        # 2. read + decode: shards (short side 320) vs original JPEGs, local and on S3
+        ids = [f"{i + 1:05d}" for i in range(n)]
+        split(str(src_local), out=str(tmp / "split"), val=0.1, test=0.1, seed=0, short_side=320, shard_size=100)
+        split(str(src_local), out="s3://bench-abid/split", val=0.1, test=0.1, seed=0, short_side=320, shard_size=100)
+        shard_kb = sum(p.stat().st_size for p in (tmp / "split").rglob("*.tar")) / n / 1024
+        n_shards = len(list((tmp / "split").rglob("*.tar")))
+        decode = {}
+        for where, orig_root, split_root in (("local disk", str(src_local), str(tmp / "split")),
+                                             ("S3 endpoint", "s3://bench-abid", "s3://bench-abid/split")):
+            base = _median_rate(lambda r=orig_root: decode_all_originals(r, ids), n, args.repeats)
+            fast = _median_rate(lambda r=split_root: decode_all_shards(r), n, args.repeats)
+            decode[where] = (base, fast)
+            print(f"{where}: originals {base:.1f} images/s, shards {fast:.1f} images/s", flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    cmd = "`.venv/bin/python benchmarks/bench_data.py" + (f" --copies {args.copies}" if args.copies != 10 else "") + "`"
+    lines = [
+        "# Data layer benchmarks",
+        "",
+        f"Produced by {cmd} on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {_machine()}. The machine was shared with other jobs while this ran, so absolute",
+        "figures are noisy; each ratio compares two runs of the same session against its named baseline.",
+        "",
+        f"Data: the 31 real ABID images of `tests/data/abid-sample` replicated to {n} bins "
+        f"(originals {mean_kb:.1f} KB mean; bucket mean is 56.8 KB). Figures are medians of {args.repeats} runs.",
+        "",
+        "## Download (`bincounter download`, moto S3 server on 127.0.0.1 -> local folder)",
+        "",
+        "| workers | objects/s | vs --workers 1 |",
+        "|---|---|---|",
+        f"| 1 (baseline) | {rates[1]:.1f} | 1.00x |",
+        f"| 16 | {rates[16]:.1f} | {rates[16] / rates[1]:.2f}x |",
+        "",
+        "Each bin is two objects (metadata, then image), validated (JSON parsed, JPEG fully decoded) and",
+        "written atomically. The local endpoint is a Python server sharing the same cores, so this",
+        "understates the gain against real S3, where per-request latency (tens of ms) dominates and",
+        "16 requests in flight hide it.",
+        "",
+        f"## Read + decode training images: {n_shards} WebDataset shards (short side 320, "
+        f"{shard_kb:.1f} KB/image) vs the original JPEGs",
+        "",
+        "| source | originals, one object per image (baseline) | shards | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for where, (base, fast) in decode.items():
+        lines.append(f"| {where} | {base:.1f} images/s | {fast:.1f} images/s | {fast / base:.2f}x |")
+    lines += [
+        "",
+        "Decode = `PIL.Image.open(...).convert(\"RGB\")`, single thread, as a DataLoader worker does it.",
+        "On S3 the shards also replace one GET per image by one sequential GET per 100 images.",
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
