@@ -13,117 +13,17 @@ The cluster is reached through the official ``kubernetes`` client; pass an
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from bincounter import search_space
 from bincounter.k8s import objects as o
-
-CLEANUP_CHOICES = ("on-failure", "always", "never")
-LOG_TAIL_LINES = 50
-Log = Callable[[str], None]
-
-
-class LaunchError(RuntimeError):
-    """The object failed, timed out or could not be created; the message says which and why."""
-
-
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k8s.ApiClient:
-    """In-cluster config inside a pod (a pipeline step), else the kubeconfig."""
-    if kubeconfig is None and context is None:
-        try:
-            k8s_config.load_incluster_config()
-            return k8s.ApiClient()
-        except k8s_config.ConfigException:
-            pass
-    cfg = k8s.Configuration()
-    # The client reads $KUBECONFIG once, at import; read it now so a later setting counts.
-    k8s_config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), context=context,
-                                client_configuration=cfg)
-    return k8s.ApiClient(cfg)
-
-
-SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def resolve_namespace(namespace: str | None = None) -> str:
-    """namespace if given, else this pod's own namespace (a pipeline step in a Kubeflow profile),
-    else the kubeconfig context's namespace, else bincounter's default."""
-    if namespace:
-        return namespace
-    if os.path.exists(SA_NAMESPACE_FILE):
-        with open(SA_NAMESPACE_FILE) as f:
-            return f.read().strip()
-    try:
-        _, context = k8s_config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
-        return (context or {}).get("context", {}).get("namespace") or o.DEFAULT_NAMESPACE
-    except (k8s_config.ConfigException, OSError):
-        return o.DEFAULT_NAMESPACE
-
-
-# ---------------------------------------------------------------- cluster access
-
-class _Cluster:
-    def __init__(self, api_client: k8s.ApiClient | None):
-        self.api_client = api_client or load_api_client()
-        self.custom = k8s.CustomObjectsApi(self.api_client)
-        self.core = k8s.CoreV1Api(self.api_client)
-
-    def _gvp(self, kind: str):
-        return o.CUSTOM_KINDS[kind]
-
-    def get(self, kind: str, namespace: str, name: str) -> dict | None:
-        g, v, p = self._gvp(kind)
-        try:
-            return self.custom.get_namespaced_custom_object(g, v, namespace, p, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def create(self, obj: dict) -> dict:
-        g, v, p = self._gvp(obj["kind"])
-        return self.custom.create_namespaced_custom_object(g, v, obj["metadata"]["namespace"], p, obj)
-
-    def update(self, obj: dict) -> dict:
-        g, v, p = self._gvp(obj["kind"])
-        meta = obj["metadata"]
-        return self.custom.replace_namespaced_custom_object(g, v, meta["namespace"], p, meta["name"], obj)
-
-    def delete(self, kind: str, namespace: str, name: str) -> bool:
-        g, v, p = self._gvp(kind)
-        try:
-            # Foreground: the object goes only after its pods, so a replacement never races them.
-            self.custom.delete_namespaced_custom_object(
-                g, v, namespace, p, name, body=k8s.V1DeleteOptions(propagation_policy="Foreground"))
-            return True
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
-
-    def list(self, kind_gvp: tuple[str, str, str], namespace: str, selector: str) -> list[dict]:
-        g, v, p = kind_gvp
-        return self.custom.list_namespaced_custom_object(g, v, namespace, p, label_selector=selector)["items"]
-
-    def pods(self, namespace: str, selector: str) -> list:
-        return self.core.list_namespaced_pod(namespace, label_selector=selector).items
-
-    def log(self, namespace: str, pod: str, container: str, previous: bool = False) -> str:
-        return self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=LOG_TAIL_LINES,
-                                                 previous=previous)
+from bincounter.k8s.cluster import (  # noqa: F401  (LaunchError, load_api_client, resolve_namespace: public here too)
+    CLEANUP_CHOICES, Cancelled, Cluster, LaunchError, Log, create, load_api_client, pod_selector,
+    print_failing_pod_logs, print_flush, resolve_namespace, run_to_end, sigterm_cancels, wait_for)
 
 
 # ---------------------------------------------------------------- conditions
@@ -165,7 +65,8 @@ def experiment_done(obj: Mapping) -> tuple[bool, str | None]:
     if is_true(obj, "Succeeded"):
         best = (obj.get("status") or {}).get("currentOptimalTrial") or {}
         if not best.get("parameterAssignments"):
-            return True, f"succeeded without a best trial ({_why(obj, 'Succeeded')}): no trial reported {search_space.OBJECTIVE_METRIC}"
+            return True, (f"succeeded without a best trial ({_why(obj, 'Succeeded')}): "
+                          f"no trial reported {search_space.OBJECTIVE_METRIC}")
         return True, None
     return False, None
 
@@ -193,162 +94,6 @@ def isvc_done(obj: Mapping, generation: int) -> tuple[bool, str | None]:
     return False, None
 
 
-# ---------------------------------------------------------------- failure report
-
-def _pod_selector(kind: str, name: str) -> str:
-    return {
-        "PyTorchJob": f"training.kubeflow.org/job-name={name}",
-        "TrainJob": f"jobset.sigs.k8s.io/jobset-name={name}",   # the TrainJob's JobSet has its name
-        "InferenceService": f"serving.kserve.io/inferenceservice={name}",
-    }[kind]
-
-
-def _failing_container(pod) -> tuple[str, bool] | None:
-    """(container name, previous) of the container that failed, init containers first."""
-    status = pod.status
-    for statuses in ((status.init_container_statuses or []) if status else [],
-                     (status.container_statuses or []) if status else []):
-        for cs in statuses:
-            st = cs.state
-            if st and st.terminated and st.terminated.exit_code:
-                return cs.name, False
-            if cs.last_state and cs.last_state.terminated and cs.last_state.terminated.exit_code:
-                return cs.name, True  # restarted (CrashLoopBackOff): the crash is in the previous log
-    return None
-
-
-def print_failing_pod_logs(cluster: _Cluster, namespace: str, selector: str, log: Log,
-                           primary: str | None = None) -> str | None:
-    """Print the last log lines of the failing pod (else the first pod); return its name."""
-    try:
-        pods = cluster.pods(namespace, selector)
-    except ApiException as e:
-        log(f"could not list pods ({selector}): {e.status} {e.reason}")
-        return None
-    if not pods:
-        log(f"no pods found for {selector}")
-        return None
-    failing = [(p, _failing_container(p)) for p in pods]
-    pod, found = next(((p, f) for p, f in failing if f), (pods[0], None))
-    container, previous = found or (primary or pod.spec.containers[0].name, False)
-    try:
-        text = cluster.log(namespace, pod.metadata.name, container, previous)
-    except ApiException as e:
-        text = f"(log unavailable: {e.status} {e.reason})"
-    log(f"---- last {LOG_TAIL_LINES} log lines of pod {pod.metadata.name}, container {container} ----")
-    for line in (text or "").rstrip().splitlines():
-        log(f"  {line}")
-    log("---- end of log ----")
-    return pod.metadata.name
-
-
-# ---------------------------------------------------------------- create, wait, clean up
-
-class _Cancelled(BaseException):
-    """SIGTERM while waiting (a pipeline cancel); raised as KeyboardInterrupt after cleanup."""
-
-
-@contextlib.contextmanager
-def _sigterm_cancels():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Cancelled()
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _create(cluster: _Cluster, obj: dict, replace: bool, deadline: float, poll_s: float, log: Log) -> dict:
-    kind, meta = obj["kind"], obj["metadata"]
-    existing = cluster.get(kind, meta["namespace"], meta["name"])
-    if existing is not None:
-        if not replace:
-            raise LaunchError(f"{kind} {meta['namespace']}/{meta['name']} already exists. "
-                              f"Delete it, choose another name, or pass replace=True (--replace).")
-        log(f"deleting the existing {kind} {meta['namespace']}/{meta['name']}")
-        cluster.delete(kind, meta["namespace"], meta["name"])
-        while cluster.get(kind, meta["namespace"], meta["name"]) is not None:
-            if time.monotonic() > deadline:
-                raise LaunchError(f"timed out waiting for the old {kind} {meta['name']} to be deleted")
-            time.sleep(poll_s)
-    try:
-        created = cluster.create(obj)
-    except ApiException as e:
-        raise LaunchError(f"could not create {kind} {meta['namespace']}/{meta['name']}: "
-                          f"{e.status} {e.reason}: {e.body}") from e
-    log(f"created {kind} {meta['namespace']}/{meta['name']}")
-    return created
-
-
-def _wait(cluster: _Cluster, obj: dict, done: Callable[[dict], tuple[bool, str | None]],
-          describe: Callable[[dict], str], *, deadline: float, poll_s: float, log: Log,
-          report_every_s: float) -> dict:
-    """Poll until done; return the final object or raise LaunchError (failure, timeout, vanished)."""
-    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-    start = time.monotonic()
-    last_line, last_report = None, start
-    while True:
-        current = cluster.get(kind, ns, name)
-        if current is None:
-            raise LaunchError(f"{kind} {ns}/{name} disappeared while waiting (deleted by someone else?)")
-        finished, failure = done(current)
-        line = describe(current)
-        now = time.monotonic()
-        if line != last_line or now - last_report >= report_every_s:
-            log(f"[{now - start:6.0f}s] {kind} {name}: {line}")
-            last_line, last_report = line, now
-        if failure:
-            raise LaunchError(f"{kind} {ns}/{name} failed: {failure}")
-        if finished:
-            return current
-        if now >= deadline:
-            raise TimeoutError(f"{kind} {ns}/{name} did not finish within the deadline (last state: {line})")
-        time.sleep(max(0.0, min(poll_s, deadline - now)))
-
-
-def _run(cluster: _Cluster, obj: dict, *, done, describe, timeout_s: float, poll_s: float, replace: bool,
-         cleanup: str, log: Log, report_every_s: float, log_selector: str | None, primary: str | None,
-         on_failure: Callable[[], None] | None = None, delete_on_failure: bool = True) -> dict:
-    if cleanup not in CLEANUP_CHOICES:
-        raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
-    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-    deadline = time.monotonic() + timeout_s
-
-    def clean(reason: str):
-        if cleanup == "never" or not delete_on_failure:
-            log(f"leaving {kind} {ns}/{name} in place ({reason}; cleanup={cleanup})")
-        elif cluster.delete(kind, ns, name):
-            log(f"deleted {kind} {ns}/{name} ({reason})")
-
-    with _sigterm_cancels():
-        _create(cluster, obj, replace, deadline, poll_s, log)  # nothing of ours to clean up if this fails
-        try:
-            final = _wait(cluster, obj, done, describe, deadline=deadline, poll_s=poll_s, log=log,
-                          report_every_s=report_every_s)
-        except (LaunchError, TimeoutError) as e:
-            if log_selector:
-                print_failing_pod_logs(cluster, ns, log_selector, log, primary)
-            if on_failure:
-                on_failure()
-            clean("failed" if isinstance(e, LaunchError) else "timed out")
-            if isinstance(e, TimeoutError):
-                raise LaunchError(f"{e} after {timeout_s:.0f}s") from e
-            raise
-        except (KeyboardInterrupt, _Cancelled) as e:
-            log(f"cancelled while waiting for {kind} {ns}/{name}")
-            clean("cancelled")
-            raise KeyboardInterrupt(f"cancelled: {kind} {ns}/{name}") from e
-    if cleanup == "always":
-        clean("finished")
-    return final
-
-
 def _gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
     from datetime import datetime
 
@@ -366,8 +111,9 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
           memory: str = "16Gi", node_selector: Mapping[str, str] | None = None,
           tolerations: Sequence[Mapping] | None = None, labels: Mapping[str, str] | None = None,
           service_account_name: str = o.WORKLOAD_SA, s3_secret_name: str = o.S3_SECRET,
-          timeout_s: float = 24 * 3600, poll_s: float = 10.0, replace: bool = False, cleanup: str = "on-failure",
-          report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
+          timeout_s: float = 24 * 3600, poll_s: float = 10.0, replace: bool = False,
+          cleanup: str = "on-failure", report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
+          log: Log = print_flush) -> dict[str, Any]:
     """Run ``bincounter.train`` as a PyTorchJob (Training Operator v1) or TrainJob (Trainer v2).
 
     Returns {"model_uri", "kind", "name", "namespace", "seconds", "gpu_hours"}.
@@ -382,7 +128,7 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
                   resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
                   node_selector=node_selector, tolerations=tolerations, labels=labels,
                   service_account_name=service_account_name, s3_secret_name=s3_secret_name)
-    cluster = _Cluster(api_client)
+    cluster = Cluster(api_client)
     started = time.monotonic()
 
     def describe(cur):
@@ -391,9 +137,10 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
                           for r, s in replicas.items())
         return f"{_state(cur)} {counts}".strip()
 
-    final = _run(cluster, obj, done=lambda cur: training_done(kind, cur), describe=describe, timeout_s=timeout_s,
-                 poll_s=poll_s, replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s,
-                 log_selector=_pod_selector(kind, name), primary=o.TRAIN_CONTAINER if kind == "PyTorchJob" else None)
+    final = run_to_end(cluster, obj, done=lambda cur: training_done(kind, cur), describe=describe,
+                       timeout_s=timeout_s, poll_s=poll_s, replace=replace, cleanup=cleanup, log=log,
+                       report_every_s=report_every_s, log_selector=pod_selector(kind, name),
+                       primary=o.TRAIN_CONTAINER if kind == "PyTorchJob" else None)
     status = final.get("status") or {}
     seconds = time.monotonic() - started
     gpus = workers * gpus_per_worker
@@ -448,8 +195,9 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
          node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
          algorithm: str = "tpe", parallel_trials: int = 2, max_trials: int = 12, max_failed_trials: int = 3,
          labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
-         s3_secret_name: str = o.S3_SECRET, timeout_s: float = 24 * 3600, poll_s: float = 15.0, replace: bool = False, cleanup: str = "on-failure",
-         report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None, log: Log = _print) -> dict[str, Any]:
+         s3_secret_name: str = o.S3_SECRET, timeout_s: float = 24 * 3600, poll_s: float = 15.0,
+         replace: bool = False, cleanup: str = "on-failure", report_every_s: float = 60.0,
+         api_client: k8s.ApiClient | None = None, log: Log = print_flush) -> dict[str, Any]:
     """Run the Katib Experiment to Succeeded and return the best trial.
 
     Returns {"best_hyperparameters": {"lr": 0.0012, "batch-size": 32, ...} (typed as in
@@ -463,7 +211,7 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
                        node_selector=node_selector, tolerations=tolerations, algorithm=algorithm,
                        parallel_trials=parallel_trials, max_trials=max_trials, max_failed_trials=max_failed_trials,
                        labels=labels, service_account_name=service_account_name, s3_secret_name=s3_secret_name)
-    cluster = _Cluster(api_client)
+    cluster = Cluster(api_client)
     started = time.monotonic()
 
     def describe(cur):
@@ -485,11 +233,11 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
         failed = [t for t in trials if is_true(t, "Failed")]
         if failed:
             t = failed[-1]["metadata"]["name"]
-            print_failing_pod_logs(cluster, namespace, _pod_selector("PyTorchJob", t), log, o.TRAIN_CONTAINER)
+            print_failing_pod_logs(cluster, namespace, pod_selector("PyTorchJob", t), log, o.TRAIN_CONTAINER)
 
-    final = _run(cluster, obj, done=experiment_done, describe=describe, timeout_s=timeout_s, poll_s=poll_s,
-                 replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s, log_selector=None,
-                 primary=None, on_failure=show_failed_trial)
+    final = run_to_end(cluster, obj, done=experiment_done, describe=describe, timeout_s=timeout_s, poll_s=poll_s,
+                       replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s,
+                       log_selector=None, primary=None, on_failure=show_failed_trial)
     result = parse_best_trial(final)
     st = final.get("status") or {}
     gpu_hours, trial_list = 0.0, []
@@ -519,7 +267,7 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
            labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
            timeout_s: float = 1800, poll_s: float = 5.0, replace: bool = True, cleanup: str = "on-failure",
            report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
-           log: Log = _print) -> dict[str, Any]:
+           log: Log = print_flush) -> dict[str, Any]:
     """Create or update the InferenceService and wait until it is Ready at its new generation.
 
     An existing InferenceService of the same name is UPDATED in place (replace=True,
@@ -535,16 +283,16 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
                               max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
                               node_selector=node_selector, tolerations=tolerations, labels=labels,
                               service_account_name=service_account_name)
-    cluster = _Cluster(api_client)
+    cluster = Cluster(api_client)
     if cleanup not in CLEANUP_CHOICES:
         raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
     existing = cluster.get("InferenceService", namespace, name)
     if existing is not None and not replace:
         raise LaunchError(f"InferenceService {namespace}/{name} already exists. Pass replace=True (--replace) to update it.")
     deadline = time.monotonic() + timeout_s
-    with _sigterm_cancels():
+    with sigterm_cancels():
         if existing is None:
-            current = _create(cluster, obj, False, deadline, poll_s, log)
+            current = create(cluster, obj, False, deadline, poll_s, log)
         else:
             obj["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
             try:
@@ -563,17 +311,17 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
                     f"{st.get('observedGeneration', 0)}/{generation}")
 
         try:
-            final = _wait(cluster, obj, lambda cur: isvc_done(cur, generation), describe, deadline=deadline,
+            final = wait_for(cluster, obj, lambda cur: isvc_done(cur, generation), describe, deadline=deadline,
                           poll_s=poll_s, log=log, report_every_s=report_every_s)
         except (LaunchError, TimeoutError) as e:
-            print_failing_pod_logs(cluster, namespace, _pod_selector("InferenceService", name), log,
+            print_failing_pod_logs(cluster, namespace, pod_selector("InferenceService", name), log,
                                    o.PREDICTOR_CONTAINER)
             if existing is None and cleanup != "never" and cluster.delete("InferenceService", namespace, name):
                 log(f"deleted InferenceService {namespace}/{name} (failed)")
             if isinstance(e, TimeoutError):
                 raise LaunchError(f"{e} after {timeout_s:.0f}s") from e
             raise
-        except (KeyboardInterrupt, _Cancelled) as e:
+        except (KeyboardInterrupt, Cancelled) as e:
             log(f"cancelled while waiting for InferenceService {namespace}/{name}")
             if existing is None and cleanup != "never" and cluster.delete("InferenceService", namespace, name):
                 log(f"deleted InferenceService {namespace}/{name} (cancelled)")
@@ -595,12 +343,12 @@ def run_labels(run_id: str) -> dict[str, str]:
 
 def cleanup_run(run_id: str, namespace: str = o.DEFAULT_NAMESPACE, *,
                 kinds: Sequence[str] = ("PyTorchJob", "TrainJob", "Experiment"),
-                api_client: k8s.ApiClient | None = None, log: Log = _print) -> list[str]:
+                api_client: k8s.ApiClient | None = None, log: Log = print_flush) -> list[str]:
     """Delete what a failed or cancelled pipeline run left behind: every object of kinds
     labelled with run_id (see run_labels). InferenceServices are not in the default
     kinds: a failed run must not take down a model that is serving. Returns "Kind/name"s.
     A cluster without one of the CRDs (Trainer v2 not installed) is skipped, not an error."""
-    cluster = _Cluster(api_client)
+    cluster = Cluster(api_client)
     deleted = []
     for kind in kinds:
         try:
