@@ -165,9 +165,14 @@ def parse_best_trial(experiment: Mapping) -> dict[str, Any]:
             params[p.name] = int(float(a["value"]))
         else:  # Katib returns categorical values as strings: give back the original choice
             params[p.name] = next(c for c in p.choices if str(c) == a["value"])
-    metrics = {m["name"]: float(m.get("max") or m.get("latest"))
-               for m in (best.get("observation") or {}).get("metrics") or []
-               if (m.get("max") or m.get("latest")) not in (None, "", "unavailable")}
+    metrics: dict[str, float] = {}
+    for m in (best.get("observation") or {}).get("metrics") or []:
+        # The objective as Katib ranked it (its best epoch: metricStrategies max); the others as last seen.
+        value = m.get("max") if m["name"] == search_space.OBJECTIVE_METRIC else m.get("latest")
+        try:
+            metrics[m["name"]] = float(value)
+        except (TypeError, ValueError):  # missing, or Katib's "unavailable"
+            pass
     return {"best_trial": best.get("bestTrialName"), "best_hyperparameters": params, "best_metrics": metrics}
 
 
