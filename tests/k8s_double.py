@@ -96,6 +96,12 @@ def trainjob_success(ns: str, name: str) -> list[dict]:
             {"conditions": [created, _cond("Complete", "True", "AllJobsCompleted", "jobset completed successfully")]}]
 
 
+def trainjob_failure(ns: str, name: str) -> list[dict]:
+    created = _cond("Created", "True", "JobsCreationSucceeded", "Succeeded to create Jobs")
+    return [{}, {"conditions": [created]},
+            {"conditions": [created, _cond("Failed", "True", "FailedJobs", "jobset failed: job node-0 has failed")]}]
+
+
 def experiment_success(ns: str, name: str, best: dict[str, str], accuracy: float, trials: int = 3) -> list[dict]:
     created = _cond("Created", "True", "ExperimentCreated", "Experiment is created")
     running = _cond("Running", "True", "ExperimentRunning", "Experiment is running")

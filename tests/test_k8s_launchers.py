@@ -58,6 +58,16 @@ def test_trainjob_success(double, lines):
     assert double.objects[("trainjobs", NS, "job2")]["spec"]["trainer"]["numNodes"] == 2
 
 
+def test_trainjob_failure_shows_the_jobset_pods_log(double, lines):
+    double.script("trainjobs", "job2", kd.trainjob_failure(NS, "job2"))
+    double.pods = [kd.pod(NS, "job2-node-0-0-abcde", {"jobset.sigs.k8s.io/jobset-name": "job2"}, "node", exit_code=1)]
+    double.logs[(NS, "job2-node-0-0-abcde", "node")] = "torch.distributed.DistNetworkError: timed out"
+    with pytest.raises(launchers.LaunchError, match="TrainJob team-a/job2 failed: FailedJobs"):
+        _train(double, lines, name="job2", kind="TrainJob")
+    assert "DistNetworkError" in "\n".join(lines)
+    assert double.deleted == [("trainjobs", NS, "job2")]
+
+
 def test_job_failure_raises_shows_the_failing_pod_log_and_cleans_up(double, lines):
     double.script("pytorchjobs", "job1", kd.pytorchjob_failure(NS, "job1"))
     labels = {"training.kubeflow.org/job-name": "job1"}
@@ -266,3 +276,15 @@ def test_cli_train_and_deploy_through_a_kubeconfig(double, tmp_path, capsys):
                    "--storage-uri", "s3://b/models/m2"])
     assert rc == 1
     assert "error: InferenceService team-a/bincounter failed: model BlockedByFailedLoad" in capsys.readouterr().err
+
+
+def test_cancelled_deploy_deletes_the_service_it_created(double, lines):
+    double.script("inferenceservices", "bincounter", kd.isvc_rollout(NS, "bincounter", 1)[:3])
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _deploy(double, lines, timeout_s=30)
+    finally:
+        timer.cancel()
+    assert double.deleted == [("inferenceservices", NS, "bincounter")]
