@@ -48,13 +48,20 @@ OUR_REF = re.compile(r"[\w.:-]+(?:/[\w.-]+)*/(?:%s)(?::[\w][\w.-]*|@sha256:[0-9a
                      % "|".join(re.escape(repo) for repo, _ in images.IMAGES.values()))
 
 
+def default_ref(role: str) -> str:
+    """The reference the checked-in pipeline.yaml and manifests use, whatever BINCOUNTER_* says here."""
+    return images.image(role, registry_=images.DEFAULT_REGISTRY, tag_=images.DEFAULT_TAG)
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _clean_env() -> dict[str, str]:
-    """The environment without BINCOUNTER_REGISTRY/TAG, so defaults apply as for the checked-in files."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("BINCOUNTER_")}
+    """The environment without BINCOUNTER_REGISTRY/TAG, the Makefile's variables, or a parent make's
+    flags (`make test TAG=x` passes TAG=x down in MAKEFLAGS), so defaults apply as for the checked-in files."""
+    drop = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "REGISTRY", "TAG", "DOCKER", "PLATFORM", "PYTHON"}
+    return {k: v for k, v in os.environ.items() if not k.startswith("BINCOUNTER_") and k not in drop}
 
 
 # ---------------------------------------------------------------- Dockerfile parsing
@@ -289,7 +296,7 @@ def make_built_refs(*args: str, env: dict | None = None) -> dict[str, str]:
 
 
 def test_make_images_builds_every_role_under_the_python_names():
-    assert default_built_refs() == {images.image(role) for role in images.IMAGES}
+    assert default_built_refs() == {default_ref(role) for role in images.IMAGES}
     given = make_built_refs("REGISTRY=registry.example.com/team", "TAG=1.2.3")
     assert given == {r: images.image(r, registry_="registry.example.com/team", tag_="1.2.3") for r in images.IMAGES}
     env = {**_clean_env(), "BINCOUNTER_TAG": "from-env", "BINCOUNTER_REGISTRY": "reg.example:5000/x"}
@@ -365,7 +372,7 @@ def _check_references(source: str, refs: set[str], must_include: set[str]):
     unknown = {r for r in refs if r not in built and r not in THIRD_PARTY_IMAGES}
     assert not unknown, (f"{source} references images `make images` does not build (built: {sorted(built)}): "
                          f"{sorted(unknown)}. Take names from bincounter.images.image(role).")
-    missing = {images.image(r) for r in must_include} - refs
+    missing = {default_ref(r) for r in must_include} - refs
     assert not missing, f"{source} should reference {sorted(missing)}; found {sorted(refs)}"
 
 
@@ -636,3 +643,18 @@ def test_static_scan_bites(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     needs, _ = static_needs([code])
     assert set(needs) == {"kfp", "kserve"}, needs  # the guarded optional import is not a need
+
+
+# ---------------------------------------------------------------- bincounter/images.py
+
+def test_image_names_follow_the_environment_and_reject_bad_input(monkeypatch):
+    monkeypatch.setenv("BINCOUNTER_REGISTRY", "registry.example.com:5000/ml/")
+    monkeypatch.setenv("BINCOUNTER_TAG", "2.0.0-rc1")
+    assert images.image("server") == "registry.example.com:5000/ml/bincounter-server:2.0.0-rc1"
+    assert images.image("trainer", tag_="x") == "registry.example.com:5000/ml/bincounter-trainer:x"
+    with pytest.raises(KeyError, match="Only trainer, pipeline, server"):
+        images.image("notebook")
+    with pytest.raises(ValueError, match="Invalid image tag"):
+        images.image("server", tag_="-x")
+    with pytest.raises(ValueError, match="Invalid image registry"):
+        images.image("server", registry_="Registry With Spaces")
