@@ -27,8 +27,10 @@ BUCKET = "s3://bincounter"
 DATA_URI = f"{BUCKET}/data/split"
 MODEL_URI = f"{BUCKET}/models/bincounter"
 TRIALS_URI = f"{BUCKET}/tuning/trials"
-TRAIN_EXTRA_ARGS = ("--arch", "resnet50", "--epochs", "10", "--resume")
-TUNE_EXTRA_ARGS = ("--arch", "resnet50", "--epochs", "3")
+# Fine-tuning from ImageNet weights, as the published ABID results do (downloaded into $HOME=/tmp;
+# point --pretrained at an s3:// copy on clusters without internet access).
+TRAIN_EXTRA_ARGS = ("--arch", "resnet50", "--pretrained", "imagenet", "--epochs", "10", "--resume")
+TUNE_EXTRA_ARGS = ("--arch", "resnet50", "--pretrained", "imagenet", "--epochs", "3")
 GPU_NODE = o.Resources(cpu="8", memory="32Gi", gpus=1)
 
 
