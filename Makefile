@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo scan clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: venv
+# checkov lives in its own venv: it pins boto3 and packaging below what kfp and kserve need.
+CHECKOV := $(VENV)/tools/checkov/bin/checkov
+$(CHECKOV): manifests/checkov-requirements.txt
+	PYTHON=$(PYTHON) bash manifests/install-checkov.sh
+
+test: venv $(CHECKOV)
 	$(BIN)/python -m pytest tests
+
+# Security scan of the rendered manifests (also part of make test).
+scan: venv $(CHECKOV)
+	$(BIN)/python -m bincounter.k8s.scan --checkov $(CHECKOV) manifests
 
 demo: venv
 	$(BIN)/python -m bincounter.demo
