@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,6 +117,12 @@ def run_hadolint(path: Path) -> subprocess.CompletedProcess:
 def test_every_role_has_a_dockerfile_and_no_stray_ones():
     found = {p.relative_to(ROOT).as_posix() for p in (ROOT / "images").glob("*/Dockerfile")}
     assert found == {path for _, path in images.IMAGES.values()}
+
+
+def test_all_images_share_one_base():
+    bases = {role: {rest.split()[0] for word, rest in instructions(dockerfile(role)) if word == "FROM"}
+             - {"deps", "wheel"} for role in images.IMAGES}
+    assert len(set(map(frozenset, bases.values()))) == 1, f"one Python base for all images (one patch to bump): {bases}"
 
 
 @pytest.mark.parametrize("role", list(images.IMAGES))
@@ -411,7 +416,7 @@ def resolve(command: list[str], python: Path) -> tuple[int, dict[str, str], str]
     Returns (exit status, {package: version} it would install, output)."""
     result = subprocess.run([str(UV), *command[1:], "--dry-run", "--python", str(python)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"})
+                            env={**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_CONFIG": "1", "NO_COLOR": "1"})
     output = result.stdout + result.stderr
     would = dict(re.findall(r"^ \+ ([\w.-]+)==(\S+)$", output, flags=re.M))
     return result.returncode, {_norm(k): v for k, v in would.items()}, output
@@ -474,34 +479,51 @@ def test_resolution_check_bites(empty_env, tmp_path):
 
 # ---------------------------------------------------------------- entrypoints import with the image's packages
 
-# Runs in a fresh interpreter: blocks every third-party package the image does not install, for imports
-# made by bincounter or component code (third-party packages' own imports are their metadata's business).
+# Runs in a fresh interpreter. For each image in turn, it imports the image's modules with every
+# third-party package that image does not install blocked for `import` statements in bincounter or
+# component code (a third-party package's own imports are its metadata's business, checked by the
+# resolution). The hook sits on builtins.__import__, which sees every import statement, even of a module
+# an earlier image loaded, so one interpreter checks all images and pays for importing torch once.
 BLOCKER = textwrap.dedent('''
-    import importlib, importlib.abc, importlib.metadata, json, re, sys
-    allowed, modules, role = set(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
+    import builtins, importlib, importlib.metadata, json, re, sys, traceback
+    plan = json.loads(sys.argv[1])  # [{"role": ..., "allowed": [...], "modules": [...]}, ...]
     owners = importlib.metadata.packages_distributions()
     norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+    real_import, current = builtins.__import__, {}
 
-    class Blocker(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            top = name.partition(".")[0]
-            dists = owners.get(top)
-            if top in sys.stdlib_module_names or not dists or any(norm(d) in allowed for d in dists):
-                return None
-            frame = sys._getframe(1)
-            while frame and (frame.f_code.co_filename.startswith("<frozen") or frame.f_globals.get("__name__") == __name__):
-                frame = frame.f_back
-            importer = frame.f_globals.get("__name__", "") if frame else ""
-            if importer.startswith(("bincounter", "components")):
+    def checked_import(name, globals=None, locals=None, fromlist=(), level=0):
+        importer = (globals or {}).get("__name__") or ""
+        top = name.partition(".")[0]
+        if level == 0 and importer.startswith(("bincounter", "components")) and top not in sys.stdlib_module_names:
+            dists = owners.get(top, [])
+            if dists and not any(norm(d) in current["allowed"] for d in dists):
                 raise ModuleNotFoundError(f"{importer} imports {name!r} (distribution {', '.join(dists)}), "
-                                          f"which the {role} image does not install")
-            return None
+                                          f"which the {current['role']} image does not install")
+        return real_import(name, globals, locals, fromlist, level)
 
-    sys.meta_path.insert(0, Blocker())
-    for module in modules:
-        importlib.import_module(module)
-    print("imported", len(modules), "modules")
+    builtins.__import__ = checked_import
+    for step in plan:
+        current.update(role=step["role"], allowed=set(step["allowed"]))
+        for name in [m for m in sys.modules if m.startswith(("bincounter", "components"))]:
+            del sys.modules[name]  # re-run their import statements under this image's packages
+        try:
+            for module in step["modules"]:
+                importlib.import_module(module)
+            print(json.dumps({"role": step["role"], "imported": len(step["modules"])}))
+        except BaseException:
+            print(json.dumps({"role": step["role"], "error": traceback.format_exc(limit=-4)}))
 ''')
+
+
+def import_with_only(plan: list[dict], extra_path: Path | None = None) -> dict[str, dict]:
+    """role -> {"imported": N} or {"error": traceback}, for a plan of {role, allowed, modules}."""
+    env = {**_clean_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(ROOT)]))}
+    plan = [{**step, "allowed": sorted(step["allowed"])} for step in plan]
+    result = subprocess.run([sys.executable, "-c", BLOCKER, json.dumps(plan)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {line["role"]: line for line in lines}
 
 
 def image_packages(role: str, resolutions) -> set[str]:
@@ -509,12 +531,6 @@ def image_packages(role: str, resolutions) -> set[str]:
     assert status == 0, output
     names = {p for p in packages if not (role in CPU_ROLES and CUDA_ONLY.match(p))}
     return names | {"bincounter"}
-
-
-def import_with_only(allowed: set[str], modules: list[str], role: str, extra_path: Path | None = None):
-    env = {**_clean_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(ROOT)]))}
-    return subprocess.run([sys.executable, "-c", BLOCKER, json.dumps(sorted(allowed)), json.dumps(modules), role],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _top_imports(tree: ast.AST) -> list[tuple[str, int]]:
@@ -594,8 +610,7 @@ def _distributions_of(top: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def entrypoint_checks(resolutions) -> dict[str, dict]:
-    """role -> what its entrypoints need (static) and whether they import with only its packages (run
-    for the three images at once: each subprocess spends most of its time importing torch)."""
+    """role -> what its entrypoints need (static) and whether they import with only its packages."""
     checks = {}
     for role in images.IMAGES:
         modules, absent = entry_modules(role)
@@ -604,10 +619,10 @@ def entrypoint_checks(resolutions) -> dict[str, dict]:
         needs, reached = static_needs([f for f in map(_module_file, modules) if f])
         checks[role] = {"modules": list(dict.fromkeys(modules + reached)), "absent": absent, "needs": needs,
                         "allowed": image_packages(role, resolutions)}
-    with concurrent.futures.ThreadPoolExecutor(len(checks)) as pool:
-        futures = {role: pool.submit(import_with_only, c["allowed"], c["modules"], role) for role, c in checks.items()}
-        for role, future in futures.items():
-            checks[role]["imported"] = future.result()
+    plan = [{"role": role, "allowed": c["allowed"], "modules": c["modules"]} for role, c in checks.items()]
+    imported = import_with_only(plan)
+    for role, check in checks.items():
+        check["imported"] = imported.get(role, {"error": "no result"})
     return checks
 
 
@@ -622,9 +637,7 @@ def test_entrypoints_import_with_only_the_image_packages(role, entrypoint_checks
     assert not lacking, (f"{role} image lacks packages its code imports: {lacking}. Add them to the extra its "
                          "Dockerfile installs (pyproject.toml), then run images/lock.py.")
     # Dynamic: the entrypoints and every bincounter module they reach import, all else blocked.
-    result = check["imported"]
-    assert result.returncode == 0, f"{role}: {result.stderr[-3000:]}"
-    assert f"imported {len(check['modules'])} modules" in result.stdout
+    assert check["imported"].get("imported") == len(check["modules"]), f"{role}: {check['imported'].get('error')}"
     if check["absent"]:
         pytest.skip(f"{role}: checked {len(check['modules'])} modules; not written yet, so not checked: "
                     f"{check['absent']}")
@@ -633,8 +646,11 @@ def test_entrypoints_import_with_only_the_image_packages(role, entrypoint_checks
 def test_import_blocker_bites(tmp_path, resolutions):
     probe = tmp_path / "bincounter_probe.py"  # stands for a bincounter module that imports kfp at the top
     probe.write_text("import kfp\n")
-    result = import_with_only(image_packages("server", resolutions), ["bincounter_probe"], "server", tmp_path)
-    assert result.returncode != 0 and "'kfp'" in result.stderr and "server image" in result.stderr
+    plan = [{"role": "pipeline", "allowed": image_packages("pipeline", resolutions), "modules": ["bincounter_probe"]},
+            {"role": "server", "allowed": image_packages("server", resolutions), "modules": ["bincounter_probe"]}]
+    result = import_with_only(plan, tmp_path)
+    assert result["pipeline"] == {"role": "pipeline", "imported": 1}
+    assert "'kfp'" in result["server"]["error"] and "server image does not install" in result["server"]["error"]
 
 
 def test_static_scan_bites(tmp_path, monkeypatch):
