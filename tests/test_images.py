@@ -161,7 +161,8 @@ def test_dockerfile_follows_the_image_rules(role):
     bases = [rest.split()[0] for word, rest in ins if word == "FROM"]
     stage_names = {rest.split()[-1] for word, rest in ins if word == "FROM" and " AS " in rest.upper()}
     for base in bases:  # a pinned official Python base, the same patch release everywhere
-        assert base in stage_names or re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+        pinned_base = re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base)
+        assert base in stage_names or pinned_base, f"{role}: unpinned or unexpected base {base}"
     assert len({b for b in bases if b not in stage_names}) == 1, f"{role}: stages use different bases {bases}"
     assert len(bases) >= 2, f"{role}: expected a multi-stage build"
 
@@ -181,7 +182,8 @@ def test_dockerfile_follows_the_image_rules(role):
     if role == "server":
         assert ("EXPOSE", str(objects.SERVER_PORT)) in final
         cmd = json.loads(next(rest for word, rest in reversed(final) if word == "CMD"))
-        assert cmd[cmd.index("--port") + 1] == str(objects.SERVER_PORT) and cmd[cmd.index("--model") + 1] == "/mnt/models"
+        assert cmd[cmd.index("--port") + 1] == str(objects.SERVER_PORT)
+        assert cmd[cmd.index("--model") + 1] == "/mnt/models"  # where KServe's storage initializer puts it
 
 
 @pytest.mark.parametrize("role", list(images.IMAGES))
@@ -305,7 +307,8 @@ def test_make_images_builds_every_role_under_the_python_names():
     given = make_built_refs("REGISTRY=registry.example.com/team", "TAG=1.2.3")
     assert given == {r: images.image(r, registry_="registry.example.com/team", tag_="1.2.3") for r in images.IMAGES}
     env = {**_clean_env(), "BINCOUNTER_TAG": "from-env", "BINCOUNTER_REGISTRY": "reg.example:5000/x"}
-    assert make_built_refs(env=env) == {r: f"reg.example:5000/x/{repo}:from-env" for r, (repo, _) in images.IMAGES.items()}
+    expected = {role: f"reg.example:5000/x/{repo}:from-env" for role, (repo, _) in images.IMAGES.items()}
+    assert make_built_refs(env=env) == expected
 
 
 def test_make_images_push_runs_docker_builds_then_pushes(tmp_path):
@@ -655,7 +658,8 @@ def test_import_blocker_bites(tmp_path, resolutions):
 
 def test_static_scan_bites(tmp_path, monkeypatch):
     code = tmp_path / "lazy.py"
-    code.write_text("def f():\n    import kfp\n    from kserve import Model\ntry:\n    import onnx\nexcept ImportError:\n    pass\n")
+    code.write_text("def f():\n    import kfp\n    from kserve import Model\n"
+                    "try:\n    import onnx\nexcept ImportError:\n    pass\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     needs, _ = static_needs([code])
     assert set(needs) == {"kfp", "kserve"}, needs  # the guarded optional import is not a need
