@@ -288,19 +288,18 @@ def summary_text(manifest: dict) -> str:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""), add_help=add_help)
     p.add_argument("source", help="downloaded ABID folder or s3:// prefix, or its manifest.json")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix for the shards")
-    p.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
-    p.add_argument("--test", type=float, default=0.1, help="test fraction per class (of train with --val-ids)")
-    p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed")
-    p.add_argument("--short-side", type=int, default=320, help="resize images so the short side is this many px")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--val", type=float, default=0.1, help="validation fraction per class (default: %(default)s)")
+    p.add_argument("--test", type=float, default=0.1, help="test fraction per class (of train with --val-ids) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed (default: %(default)s)")
+    p.add_argument("--short-side", type=int, default=320, help="resize images so the short side is this many px (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     p.add_argument("--train-ids", default=None, help="standard split file for train (e.g. counting_train.json)")
     p.add_argument("--val-ids", default=None, help="standard split file for val (random_val.txt, counting_val.json)")
     p.add_argument("--test-ids", default=None, help="split file for test (default: carve --test from train)")
-    p.add_argument("--workers", type=int, default=4, help="parallel image readers/resizers")
+    p.add_argument("--workers", type=int, default=4, help="parallel image readers/resizers (default: %(default)s)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     return p
 

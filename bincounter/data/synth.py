@@ -218,13 +218,12 @@ def synthesize(dest: str, *, images: int, max_count: int, seed: int = 0, workers
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""), add_help=add_help)
     p.add_argument("dest", help="output folder or s3://bucket/prefix")
-    p.add_argument("--images", type=int, default=300, help="number of bins to generate")
-    p.add_argument("--max-count", type=int, default=5, help="items per bin are uniform over 0..K")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--workers", type=int, default=4, help="parallel writers")
+    p.add_argument("--images", type=int, default=300, help="number of bins to generate (default: %(default)s)")
+    p.add_argument("--max-count", type=int, default=5, help="items per bin are uniform over 0..K (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4, help="parallel writers (default: %(default)s)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     return p
 
