@@ -45,13 +45,21 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-@functools.lru_cache(maxsize=None)
 def s3_client(endpoint_url: str | None = None, unsigned: bool = False, max_attempts: int = 8):
     """A boto3 S3 client; retries throttling and 5xx with exponential backoff (boto's standard mode).
 
-    ``endpoint_url=None`` falls back to ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, which boto3
-    reads itself. Clients are cached: they are thread-safe and costly to create.
+    ``endpoint_url=None`` falls back to ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``. Clients are
+    cached (they are thread-safe and costly to create), keyed on the endpoint and the credential
+    variables as they are *now*, so changing the environment later gets a matching client.
     """
+    env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return _client(endpoint_url or env_endpoint or None, unsigned, max_attempts,
+                   os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+
+
+@functools.lru_cache(maxsize=None)
+def _client(endpoint_url: str | None, unsigned: bool, max_attempts: int, _key_id: str | None,
+            _profile: str | None):
     import boto3
     import botocore
     from botocore.config import Config
@@ -61,7 +69,10 @@ def s3_client(endpoint_url: str | None = None, unsigned: bool = False, max_attem
     if unsigned:
         config = config.merge(Config(signature_version=botocore.UNSIGNED))
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+    return session.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+s3_client.cache_clear = _client.cache_clear  # type: ignore[attr-defined]  # tests and the demo call this
 
 
 def exists(uri: str, *, endpoint_url: str | None = None, unsigned: bool = False) -> bool:
