@@ -171,9 +171,11 @@ def scan(root: str, *, verify_images: bool = False, workers: int = 8,
     meta_ids = _ids_in((n for n, _ in storage.list_files(storage.join(root, METADATA_DIR), **kw)), ".json")
     result = ScanResult()
     for i in sorted(image_ids - meta_ids):
-        result.skipped.append(Skipped(i, IMAGE_WITHOUT_METADATA, f"{IMAGES_DIR}/{i}.jpg has no {METADATA_DIR}/{i}.json"))
+        result.skipped.append(Skipped(i, IMAGE_WITHOUT_METADATA,
+                                      f"{IMAGES_DIR}/{i}.jpg has no {METADATA_DIR}/{i}.json"))
     for i in sorted(meta_ids - image_ids):
-        result.skipped.append(Skipped(i, METADATA_WITHOUT_IMAGE, f"{METADATA_DIR}/{i}.json has no {IMAGES_DIR}/{i}.jpg"))
+        result.skipped.append(Skipped(i, METADATA_WITHOUT_IMAGE,
+                                      f"{METADATA_DIR}/{i}.json has no {IMAGES_DIR}/{i}.jpg"))
 
     def load(id_: str) -> BinRecord | Skipped:
         try:

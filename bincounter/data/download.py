@@ -348,16 +348,19 @@ def download_kwargs(args: argparse.Namespace) -> dict:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""), add_help=add_help)
-    p.add_argument("--source", default=DEFAULT_SOURCE, help="ABID bucket/prefix (s3://...) or a local folder (default: %(default)s)")
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help="ABID bucket/prefix (s3://...) or a local folder (default: %(default)s)")
     p.add_argument("--dest", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--file-list", default=None, help="select the ids of a file_list.json ({class: [paths]})")
     p.add_argument("--split-file", action="append", default=None,
-                   help="select the ids of a standard split file (counting_train.json, random_val.txt, ...); repeatable")
+                   help="select the ids of a standard split file "
+                        "(counting_train.json, random_val.txt, ...); repeatable")
     p.add_argument("--max-count", type=int, default=None, help="skip bins with more than K items (default: keep all)")
     p.add_argument("--limit", type=int, default=None, help="stop after N complete bins (default: all selected)")
     p.add_argument("--workers", type=int, default=16, help="concurrent bins in flight (default: %(default)s)")
     p.add_argument("--auth", choices=AUTH_CHOICES, default="auto",
-                   help="auto: signed if AWS credentials are configured, else anonymous (public bucket) (default: %(default)s)")
+                   help="auto: signed if AWS credentials are configured, else anonymous (public bucket) "
+                        "(default: %(default)s)")
     p.add_argument("--endpoint-url", default=None, help="source S3-compatible endpoint (default: AWS config)")
     p.add_argument("--dest-endpoint-url", default=None, help="dest S3-compatible endpoint (default: AWS config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

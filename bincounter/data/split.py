@@ -105,10 +105,11 @@ def assign_from_files(records: list[abid.BinRecord], *, train_ids: str | None, v
             if id_ not in by_id:
                 missing += 1
                 continue
-            if id_ in taken:
-                if taken[id_] != name and not (name == "train"):
-                    raise ValueError(f"id {id_} is in both the {taken[id_]} and the {name} file; splits must be disjoint")
-                continue  # an id in val/test and in train belongs to val/test
+            if id_ in taken:  # files are read val, test, train: an id in val/test and train stays in val/test
+                if name != "train":
+                    raise ValueError(f"id {id_} is in both the {taken[id_]} and the {name} file; "
+                                     "val and test must be disjoint")
+                continue
             taken[id_] = name
             rec = by_id[id_]
             if count is not None and count != rec.count:
@@ -292,15 +293,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("source", help="downloaded ABID folder or s3:// prefix, or its manifest.json")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix for the shards")
     p.add_argument("--val", type=float, default=0.1, help="validation fraction per class (default: %(default)s)")
-    p.add_argument("--test", type=float, default=0.1, help="test fraction per class (of train with --val-ids) (default: %(default)s)")
+    p.add_argument("--test", type=float, default=0.1,
+                   help="test fraction per class (of train with --val-ids) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed (default: %(default)s)")
-    p.add_argument("--short-side", type=int, default=320, help="resize images so the short side is this many px (default: %(default)s)")
+    p.add_argument("--short-side", type=int, default=320,
+                   help="resize images so the short side is this many px (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     p.add_argument("--train-ids", default=None, help="standard split file for train (e.g. counting_train.json)")
     p.add_argument("--val-ids", default=None, help="standard split file for val (random_val.txt, counting_val.json)")
     p.add_argument("--test-ids", default=None, help="split file for test (default: carve --test from train)")
     p.add_argument("--workers", type=int, default=4, help="parallel image readers/resizers (default: %(default)s)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     return p
 
 

@@ -57,7 +57,8 @@ def _draw_item(draw: ImageDraw.ImageDraw, over: ImageDraw.ImageDraw, rng: random
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     if kind == "bag":  # translucent poly bag: soft blob plus highlights
-        over.rounded_rectangle(box, radius=int(min(w, h) * 0.3), fill=col + (215,), outline=_shade(col, 0.6) + (255,), width=2)
+        over.rounded_rectangle(box, radius=int(min(w, h) * 0.3), fill=col + (215,),
+                               outline=_shade(col, 0.6) + (255,), width=2)
         for _ in range(2):
             hx = x0 + rng.uniform(0.15, 0.7) * w
             over.line([(hx, y0 + 0.2 * h), (hx + 0.15 * w, y0 + 0.7 * h)], fill=(255, 255, 255, 150), width=2)
@@ -148,7 +149,8 @@ def render_bin(rng: random.Random, count: int) -> tuple[Image.Image, list[dict]]
     # location label with a QR-like code on the top frame
     lw, lh = int(W * rng.uniform(0.2, 0.28)), max(14, int(oy0 * 0.9))
     lx = int(W * rng.uniform(0.3, 0.5))
-    draw.rectangle([lx, 1, lx + lw, 1 + lh], fill=_colour(rng, rng.choice([(245, 245, 240), (240, 170, 130), (240, 190, 200)]), 8))
+    label_col = _colour(rng, rng.choice([(245, 245, 240), (240, 170, 130), (240, 190, 200)]), 8)
+    draw.rectangle([lx, 1, lx + lw, 1 + lh], fill=label_col)
     draw.text((lx + 4, 1 + max(0, lh - 11) // 2), f"{rng.randint(1, 4)}{rng.choice('ABCDEF')}",
               fill=(20, 20, 20), font=ImageFont.load_default())
     q = max(2, lh // 7)
@@ -221,10 +223,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""), add_help=add_help)
     p.add_argument("dest", help="output folder or s3://bucket/prefix")
     p.add_argument("--images", type=int, default=300, help="number of bins to generate (default: %(default)s)")
-    p.add_argument("--max-count", type=int, default=5, help="items per bin are uniform over 0..K (default: %(default)s)")
+    p.add_argument("--max-count", type=int, default=5,
+                   help="items per bin are uniform over 0..K (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     p.add_argument("--workers", type=int, default=4, help="parallel writers (default: %(default)s)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     return p
 
 
