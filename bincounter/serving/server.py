@@ -51,8 +51,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclasses.dataclass
 class _Batch:
-    """What preprocess hands to predict: the images and how to answer."""
-    images: list[bytes]
+    """What preprocess hands to predict: the still-encoded images and how to answer."""
+    images: list[tuple[str, str | bytes]]  # (where in the request, base64 text or raw bytes)
     v2: bool
     request_id: str | None = None
 
@@ -124,7 +124,7 @@ class BinCounterModel(kserve.Model):
             raise InvalidInput(f"batch of {n} images is larger than the limit of {self.max_batch_size} "
                                f"(--max-batch-size); split the request")
 
-    def _v1_images(self, body: Any) -> list[bytes]:
+    def _v1_images(self, body: Any) -> list[tuple[str, str | bytes]]:
         if isinstance(body, bytes):  # KServe passes the body through undecoded when Content-Type is not JSON
             try:
                 body = json.loads(body)
@@ -139,10 +139,10 @@ class BinCounterModel(kserve.Model):
             image = instance.get("image") if isinstance(instance, dict) else None
             if not isinstance(image, dict) or "b64" not in image:
                 raise InvalidInput(f"instances[{i}] must be {{\"image\": {{\"b64\": \"<base64 JPEG>\"}}}}")
-            images.append(_b64decode(image["b64"], f"instances[{i}].image.b64"))
+            images.append((f"instances[{i}].image.b64", image["b64"]))
         return images
 
-    def _v2_images(self, request: InferRequest) -> list[bytes]:
+    def _v2_images(self, request: InferRequest) -> list[tuple[str, str | bytes]]:
         if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
             got = [(i.name, i.datatype) for i in request.inputs]
             raise InvalidInput(f"V2 request must have exactly one BYTES input (e.g. 'image') holding "
@@ -156,8 +156,15 @@ class BinCounterModel(kserve.Model):
         if not tensor.shape or int(np.prod(tensor.shape)) != len(data):
             raise InvalidInput(f"input '{tensor.name}' has shape {tensor.shape} but {len(data)} elements")
         self._check_batch_size(len(data), f"input '{tensor.name}'")
+        return [(f"{tensor.name}[{i}]", x) for i, x in enumerate(data)]
+
+    def _decode(self, images: list[tuple[str, str | bytes]]) -> torch.Tensor:
         # gRPC carries raw bytes; the REST JSON form carries base64 text.
-        return [x if isinstance(x, bytes) else _b64decode(x, f"{tensor.name}[{i}]") for i, x in enumerate(data)]
+        raw = [x if isinstance(x, bytes) else _b64decode(x, where) for where, x in images]
+        try:
+            return self.counter.preprocess(raw)
+        except ImageError as e:
+            raise InvalidInput(str(e)) from None
 
     async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> _Batch:
         if isinstance(payload, InferRequest):
@@ -167,12 +174,9 @@ class BinCounterModel(kserve.Model):
     async def predict(self, batch: _Batch, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         loop = asyncio.get_running_loop()
-        try:
-            # Decoding runs on the loop's thread pool (PIL releases the GIL), the forward pass on
-            # the model's own thread: the event loop keeps answering health checks meanwhile.
-            tensor = await loop.run_in_executor(None, self.counter.preprocess, batch.images)
-        except ImageError as e:
-            raise InvalidInput(str(e)) from None
+        # Decoding (base64, then the image) runs on the loop's thread pool, the forward pass on
+        # the model's own thread: the event loop keeps answering health checks meanwhile.
+        tensor = await loop.run_in_executor(None, self._decode, batch.images)
         probs = await loop.run_in_executor(self._forward_pool, self.counter.forward, tensor)
         predictions = self.counter.postprocess(probs)
         return self._v2_response(predictions, probs, batch) if batch.v2 else self._v1_response(predictions)
