@@ -40,4 +40,4 @@ def cleanup(
     else:
         from bincounter.engines import kubernetes
 
-        print(f"deleted: {kubernetes.cleanup(run_id, namespace=engines.resolve_namespace(namespace)) or 'nothing'}")
+        print(f"deleted: {kubernetes.cleanup(run_id, namespace=namespace) or 'nothing'}")

@@ -74,7 +74,7 @@ def deploy(
         from bincounter.engines import kubernetes
 
         deployment = kubernetes.deploy(model.metadata["uri"], model_name=model_name, run_id=run_id,
-                                       namespace=engines.resolve_namespace(namespace), image_tag=image_tag, min_replicas=min_replicas,
+                                       namespace=namespace, image_tag=image_tag, min_replicas=min_replicas,
                                        max_replicas=max_replicas, s3_secret=s3_secret,
                                        deadline_s=deadline_minutes * 60)
     print(f"serving {model_name} at {deployment.url}")

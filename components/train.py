@@ -96,7 +96,7 @@ def train(
         from bincounter.engines import kubernetes
 
         result = kubernetes.train(data, out, args, workers=workers, gpus_per_worker=gpus_per_worker,
-                                  use_trainjob=use_trainjob, run_id=run_id, namespace=engines.resolve_namespace(namespace),
+                                  use_trainjob=use_trainjob, run_id=run_id, namespace=namespace,
                                   image_tag=image_tag, spot=spot, s3_secret=s3_secret,
                                   deadline_s=deadline_minutes * 60)
     os.makedirs(model.path, exist_ok=True)

@@ -56,7 +56,7 @@ def tune(
         pretrained: ImageNet weights (path, ``s3://`` URI or ``imagenet``); empty: from scratch.
         extra_train_args: More ``bincounter train`` flags for every trial, e.g. ``["--workers", "8"]``.
         gpus_per_trial: GPUs of each trial's pod (0: CPU).
-        namespace: Namespace of the Experiment; empty: the namespace this step runs in.
+        namespace: Namespace of the Experiment; empty: the namespace this step runs in (kubeconfig context off-cluster).
         image_tag: Tag of the trainer image; empty: the tag this pipeline was compiled with.
         spot: Run trials on spot (preemptible) GPU nodes.
         deadline_minutes: Give up (and clean up) after this long.
@@ -92,13 +92,13 @@ def tune(
 
         result = local.tune(data, out, fixed, trials=trials, parallelism=parallelism,
                             max_failed_trials=max_failed_trials, nproc_per_node=1, run_id=run_id,
-                            timeout_s=deadline_minutes * 60)
+                            timeout_s=deadline_minutes * 60, trial_deadline_s=deadline_minutes * 60)
     else:
         from bincounter.engines import kubernetes
 
         result = kubernetes.tune(data, out, fixed, trials=trials, parallelism=parallelism,
                                  max_failed_trials=max_failed_trials, gpus_per_trial=gpus_per_trial,
-                                 run_id=run_id, namespace=engines.resolve_namespace(namespace), image_tag=image_tag, spot=spot,
+                                 run_id=run_id, namespace=namespace, image_tag=image_tag, spot=spot,
                                  s3_secret=s3_secret, deadline_s=deadline_minutes * 60)
     states = [t.get("state", "") for t in result.trials]
     tuning.log_metric("best-val-accuracy", result.best_value)

@@ -143,17 +143,3 @@ def _same_number(a: Any, b: Any) -> bool:
     except (TypeError, ValueError):
         return False
 
-
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def resolve_namespace(namespace: str = "") -> str:
-    """``namespace``, or else the namespace this pod runs in (a pipeline step's: the Kubeflow
-    profile namespace), or else ``bincounter`` (the manifests' namespace) outside a cluster."""
-    if namespace:
-        return namespace
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
-            return f.read().strip() or "bincounter"
-    except OSError:
-        return "bincounter"
