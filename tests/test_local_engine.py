@@ -28,7 +28,7 @@ def test_failure_raises_with_tail_of_output():
     with pytest.raises(local.LocalRunError) as err:
         local.run_process(cmd, name="fake trainer", echo=False)
     message = str(err.value)
-    assert "fake trainer failed with exit code 3" in message
+    assert message.startswith("fake trainer failed with exit code 3\ncommand: ")
     assert "Traceback: the real reason" in message  # stderr is in the tail
     assert "line 99" in message and "line 0\n" not in message  # only the tail, not everything
     assert len(err.value.tail) == local.TAIL_LINES
@@ -144,3 +144,18 @@ def test_optuna_samples_the_shared_search_space():
         args = search_space.to_train_args(values)
         assert args[::2] == [p.flag for p in search_space.SEARCH_SPACE]
         study.tell(trial, 0.0)
+
+
+def test_real_torchrun_failure_raises_with_the_trainers_error(tmp_path):
+    # The real entrypoint under the real torchrun: a split folder without a manifest is an
+    # error the trainer names; the engine must surface it, not just "exit code 1".
+    with pytest.raises(local.LocalRunError) as err:
+        local.train(str(tmp_path / "no-split"), str(tmp_path / "model"),
+                    ["--arch", "resnet18", "--epochs", "1", "--warmup-epochs", "0"],
+                    nproc_per_node=1, deadline_s=300, echo=False)
+    first_line, _, rest = str(err.value).partition("\n")
+    # The trainer's own error is named in the first line, above torchrun's generic report.
+    assert first_line.startswith("torchrun bincounter.train failed with exit code 1: FileNotFoundError: "
+                                 "No manifest.json under")
+    assert "bincounter split" in first_line and "ChildFailedError" in rest
+    assert not (tmp_path / "model" / "model.pt").exists()

@@ -143,7 +143,9 @@ def run_process(cmd: Sequence[str], *, deadline_s: float | None = None, env: dic
                 on_line(line)
         code = proc.wait()
         if code != 0:
-            raise LocalRunError(f"{name} failed with exit code {code}: {' '.join(cmd)}", tail)
+            cause = _root_cause(tail)
+            raise LocalRunError(f"{name} failed with exit code {code}{': ' + cause if cause else ''}\n"
+                                f"command: {' '.join(cmd)}", tail)
         return list(tail)
     finally:
         if proc.poll() is None:
@@ -152,6 +154,19 @@ def run_process(cmd: Sequence[str], *, deadline_s: float | None = None, env: dic
             proc.stdout.close()
         if record:
             record.unlink(missing_ok=True)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+
+
+def _root_cause(tail: Sequence[str]) -> str:
+    """The first ``SomeError: message`` line of the output: the worker's own error, which torchrun's
+    ChildFailedError report (printed after it) does not repeat."""
+    for line in tail:
+        m = _EXCEPTION_LINE.match(line)
+        if m and m.group(1) != "ChildFailedError":
+            return f"{m.group(1)}: {m.group(2)}"
+    return ""
 
 
 def cleanup(run_id: str) -> list[int]:
