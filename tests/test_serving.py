@@ -128,15 +128,9 @@ def server(model_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sample_jpegs(request) -> list[bytes]:
+def sample_jpegs(sample_dir) -> list[bytes]:
     """Four real ABID photos (different sizes and counts)."""
-    try:
-        root = Path(request.getfixturevalue("sample_dir"))
-    except pytest.FixtureLookupError:  # conftest not there yet: the in-repo copy, then the shared one
-        root = next((p for p in (REPO / "tests/data/abid-sample", Path("/work/shared/abid-sample")) if p.is_dir()),
-                    REPO / "tests/data/abid-sample")
-    paths = [root / f"{i}.jpg" for i in ("00004", "00013", "00036", "00055")]
-    return [p.read_bytes() for p in paths]
+    return [(sample_dir / f"{i}.jpg").read_bytes() for i in ("00004", "00013", "00036", "00055")]
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +350,17 @@ def test_load_fails_fast_on_a_bad_folder(tmp_path, model_dir):
     # The entrypoint reports it and exits non-zero instead of serving an unready model.
     args = serving_server.get_args_parser().parse_args(["--model", str(tmp_path / "nope"), "--port", "1"])
     assert serving_server.main(args) == 1
+
+
+def test_load_from_s3(model_dir, s3_bucket, sample_jpegs):
+    """--model s3://bucket/prefix loads the folder straight from S3 (here: moto server mode)."""
+    model, config = load_model_dir(model_dir)
+    uri = f"s3://{s3_bucket}/models/bincounter"
+    save_model_dir(model, config, uri)
+    served = BinCounterModel(MODEL_NAME, uri)
+    assert served.load() and served.version == VERSION
+    [pred] = served.counter.predict(sample_jpegs[:1])
+    np.testing.assert_allclose(pred.probabilities, reference_probs(model_dir, sample_jpegs[:1])[0], atol=1e-5)
 
 
 def test_load_sets_ready_last(model_dir):

@@ -238,7 +238,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "else the CPUs the process may use (affinity and cgroup CPU limit)")
     # Our defaults for KServe's flags: the endpoint name, and REST only (an InferenceService
     # exposes one port; pass --enable_grpc true for gRPC on --grpc_port).
-    parser.set_defaults(model_name="bincounter", enable_grpc=False)
+    parser.set_defaults(model_name="bincounter", http_port=8080, enable_grpc=False)
     return parser
 
 
