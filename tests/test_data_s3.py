@@ -272,3 +272,16 @@ def test_download_retries_throttling_and_broken_streams(s3_endpoint, s3_bucket, 
     assert summary["retries"] == 8  # broken streams are retried by download; 503s by botocore
     for rel, _ in storage.list_files(src):
         assert (tmp_path / "dl" / rel).read_bytes() == storage.read_bytes(f"{src}/{rel}")
+
+
+def test_download_to_s3_destination_resumes(s3_bucket):
+    src, dest = f"s3://{s3_bucket}/src", f"s3://{s3_bucket}/copy"
+    made = synthesize(src, images=8, max_count=3, seed=6)
+    first = download(dest=dest, source=src, workers=4, progress=False)
+    assert first["selected"] == 8 and first["objects_fetched"] == 16
+    again = download(dest=dest, source=src, workers=4, progress=False)
+    assert again["objects_fetched"] == 0 and again["objects_unchanged"] == 16
+    records = json.loads(storage.read_bytes(f"{dest}/manifest.json"))["records"]
+    assert abid.count_classes(r["count"] for r in records) == made["class_counts"]
+    for r in records:  # sizes come from HEAD on reruns: they must still be the image sizes
+        assert r["bytes"] == len(storage.read_bytes(abid.image_uri(dest, r["id"])))

@@ -85,8 +85,8 @@ class _Store:
         self.lock = threading.Lock()
         self.stats = Counter()  # objects_fetched, objects_unchanged, bytes_fetched, retries
 
-    def existing(self, rel: str) -> tuple[bytes | None, str | None]:
-        """What the destination already has: ``(bytes or None, etag or None)``.
+    def existing(self, rel: str) -> tuple[bytes | None, str | None, int | None]:
+        """What the destination already has: ``(bytes or None, etag or None, size or None)``.
 
         Local files are read (metadata is needed anyway; images are small). S3 destinations
         answer a HEAD; the body is read only when needed, see :meth:`read_dest`.
@@ -100,14 +100,14 @@ class _Store:
                 head = storage.s3_client(self.dest_endpoint_url).head_object(Bucket=bucket, Key=key)
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None, None
+                    return None, None, None
                 raise
-            return None, head["ETag"].strip('"')
+            return None, head["ETag"].strip('"'), head["ContentLength"]
         path = Path(uri)
         if not path.is_file():
-            return None, None
+            return None, None, None
         data = path.read_bytes()
-        return data, _md5(data)
+        return data, _md5(data), len(data)
 
     def read_dest(self, rel: str) -> bytes:
         return storage.read_bytes(storage.join(self.dest, rel), endpoint_url=self.dest_endpoint_url)
@@ -242,7 +242,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         meta_rel = f"{abid.METADATA_DIR}/{id_}.json"
         img_rel = f"{abid.IMAGES_DIR}/{id_}.jpg"
         try:
-            old_meta, old_meta_etag = store.existing(meta_rel)
+            old_meta, old_meta_etag, _ = store.existing(meta_rel)
             try:
                 meta = store.fetch(meta_rel, old_meta_etag)
             except _Missing:
@@ -258,7 +258,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                     return "over_limit"
                 reserved += 1
             try:
-                old_img, old_img_etag = store.existing(img_rel)
+                _, old_img_etag, old_img_size = store.existing(img_rel)
                 try:
                     img = store.fetch(img_rel, old_img_etag)
                 except _Missing:
@@ -268,7 +268,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                     store.write(img_rel, img)  # image before metadata: a bin is complete once its metadata lands
                     size = len(img)
                 else:
-                    size = len(old_img) if old_img is not None else _dest_size(store, img_rel)
+                    size = old_img_size
                 if meta_changed:
                     store.write(meta_rel, meta)
             except BaseException:
@@ -333,10 +333,6 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     storage.write_bytes(storage.join(dest, SUMMARY), json.dumps(summary, indent=2).encode(),
                         endpoint_url=dest_endpoint_url)
     return summary
-
-
-def _dest_size(store: _Store, rel: str) -> int:
-    return len(store.read_dest(rel))
 
 
 def download_kwargs(args: argparse.Namespace) -> dict:
