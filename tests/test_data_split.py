@@ -118,3 +118,8 @@ def test_split_from_standard_split_files(sample_dir, tmp_path):
 def test_bad_fractions_rejected(tmp_path):
     with pytest.raises(ValueError, match="val \\+ test < 1"):
         split(str(tmp_path), out=str(tmp_path / "o"), val=0.6, test=0.5)
+
+
+def test_empty_source_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="No usable ABID records"):
+        split(str(tmp_path / "nothing-here"), out=str(tmp_path / "o"))

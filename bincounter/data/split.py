@@ -237,6 +237,9 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
         raise ValueError(f"--shard-size and --short-side must be >= 1, got {shard_size} and {short_side}")
     t0 = time.perf_counter()
     root, scanned = load_source(source, endpoint_url=endpoint_url)
+    if not scanned.records:
+        raise ValueError(f"No usable ABID records in {source} (skipped: {scanned.skipped_by_reason() or 'none'}). "
+                         "Expected bin-images/<id>.jpg + metadata/<id>.json, or a download manifest.json.")
     notes: dict = {}
     if train_ids or val_ids or test_ids:
         assignment, notes = assign_from_files(scanned.records, train_ids=train_ids, val_ids=val_ids,
