@@ -123,12 +123,12 @@ def bench_interleaved(counter: Counter, url: str, image: bytes, concurrency: lis
     return stats
 
 
-def start_server(model_dir: str, runtime: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: str, runtime: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "bincounter.cli", "serve", "--model", model_dir, "--port", str(port),
-           "--runtime", runtime, "--enable_latency_logging", "false"]
+           "--runtime", runtime, "--torch-threads", str(threads), "--enable_latency_logging", "false"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -151,13 +151,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--input-size", default=224, type=int, help="input size of the random model")
     parser.add_argument("--image", default=str(REPO / "tests/data/abid-sample/00010.jpg"), type=str,
                         help="JPEG sent in every request (616x586 ABID photo)")
-    parser.add_argument("--runtime", default="eager", choices=RUNTIMES, help="server runtime")
+    parser.add_argument("--runtime", default="torchscript", choices=RUNTIMES, help="server runtime")
     parser.add_argument("--concurrency", default=[1, 8, 32], type=int, nargs="+", help="client concurrency levels")
     parser.add_argument("--requests", default=64, type=int, help="server requests per concurrency level")
     parser.add_argument("--rounds", default=4, type=int, help="interleaved rounds the requests are spread over")
     parser.add_argument("--repeats", default=10, type=int, help="timed repeats per runtime and batch size")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles for ~1 min)")
     parser.add_argument("--skip-runtimes", action="store_true", help="only the server part")
+    parser.add_argument("--torch-threads", default=0, type=int,
+                        help="torch threads, here and in the server; 0: torch's default (one per core). "
+                             "1 gives stable figures on a machine shared with other work")
     return parser
 
 
@@ -166,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
     if not image_path.is_file():
         image_path = Path("/work/shared/abid-sample") / image_path.name
     image = image_path.read_bytes()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -181,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
             print("\n".join(bench_runtimes(model_dir, config.input_size, args.repeats, args.compile)) + "\n")
 
         counter = Counter(model, config, runtime=args.runtime)
-        proc, url = start_server(model_dir, args.runtime, Path(tmp) / "server.log")
+        proc, url = start_server(model_dir, args.runtime, args.torch_threads, Path(tmp) / "server.log")
         try:
             stats = bench_interleaved(counter, url, image, args.concurrency, args.requests, args.rounds)
         finally:

@@ -42,6 +42,10 @@ from bincounter.serving.inference import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_I
 
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the storageUri
 DEFAULT_MAX_BATCH_SIZE = 32
+# TorchScript (trace + freeze) was 11-17% faster than eager on CPU in every run of
+# benchmarks/bench_serving.py (docs/benchmarks/serving.md). torch.compile was faster still but
+# needs a C compiler in the image and ~40 s of compiling per new batch shape at serving time.
+DEFAULT_RUNTIME = "torchscript"
 V1_FORMAT = '{"instances": [{"image": {"b64": "<base64 JPEG>"}}, ...]}'
 
 
@@ -69,7 +73,7 @@ def _b64decode(value: Any, where: str) -> bytes:
 class BinCounterModel(kserve.Model):
     """Counts the items in bin photos with a model folder written by ``bincounter train``."""
 
-    def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, runtime: str = "eager",
+    def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, runtime: str = DEFAULT_RUNTIME,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         super().__init__(name)
@@ -231,7 +235,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="most pixels in one image (decompression-bomb guard); larger images get 400")
     parser.add_argument("--max-image-bytes", default=DEFAULT_MAX_IMAGE_BYTES, type=int,
                         help="most bytes in one encoded image; larger images get 400")
-    parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
                         help="how to run the network (docs/benchmarks/serving.md compares them)")
     parser.add_argument("--torch-threads", default=0, type=int,
                         help="torch intra-op threads for the forward pass; 0: $OMP_NUM_THREADS if set, "
