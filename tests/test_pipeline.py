@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,8 +32,13 @@ def docs() -> tuple[dict, dict]:
 
 
 def test_checked_in_pipeline_yaml_matches_the_code(tmp_path):
-    fresh = pipeline.compile_pipeline(tmp_path / "pipeline.yaml").read_text()
-    assert fresh == pipeline.PIPELINE_FILE.read_text(), (
+    # `python pipeline.py` exactly as a developer runs it, with the default image registry and tag
+    # (BINCOUNTER_REGISTRY/TAG in the environment would legitimately change the images).
+    env = {k: v for k, v in os.environ.items() if k not in ("BINCOUNTER_REGISTRY", "BINCOUNTER_TAG")}
+    out = tmp_path / "pipeline.yaml"
+    subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--output", str(out)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert out.read_text() == pipeline.PIPELINE_FILE.read_text(), (
         "pipeline.yaml is out of date with pipeline.py/components: run `python pipeline.py` and commit it")
 
 
@@ -59,7 +66,8 @@ def test_every_step_runs_in_the_pipeline_image(docs):
     assert set(executors) == {f"exec-{s}" for s in (*STAGES, "cleanup")}
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"] == images.image("pipeline"), name
+        assert container["image"] == images.image("pipeline", registry_=images.DEFAULT_REGISTRY,
+                                                  tag_=images.DEFAULT_TAG), name
         # The image has kfp and bincounter installed: nothing is pip-installed at run time.
         assert "pip install" not in " ".join(container["command"]), name
 
@@ -118,7 +126,7 @@ def test_pipeline_parameters_have_defaults(docs):
     for name, p in params.items():
         assert "defaultValue" in p or p.get("isOptional"), f"{name} has no default"
     assert params["engine"]["defaultValue"] == "kubernetes"
-    assert params["image_tag"]["defaultValue"] == images.tag()
+    assert params["image_tag"]["defaultValue"] == images.DEFAULT_TAG
     assert params["arch"]["defaultValue"] == "resnet50"
 
 
