@@ -209,16 +209,40 @@ def test_kserve_rest_client(server, model_dir, sample_jpegs):
             res2 = await v2.infer(server, InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]),
                                   model_name=MODEL_NAME)
             res1 = await v1.infer(server, v1_body(images), model_name=MODEL_NAME)
-            return res2, res1
+            # The client's default: raw JPEG bytes in the binary tensor extension.
+            raw = InferInput(name="image", shape=[len(images)], datatype="BYTES")
+            raw.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+            res3 = await v2.infer(server, InferRequest(model_name=MODEL_NAME, infer_inputs=[raw]),
+                                  model_name=MODEL_NAME)
+            return res2, res1, res3
         finally:
             await v2.close()
             await v1.close()
 
-    res2, res1 = asyncio.run(query())
+    res2, res1, res3 = asyncio.run(query())
     assert res2.model_name == MODEL_NAME  # (InferResponse.from_rest drops model_version)
     np.testing.assert_allclose(res2.get_output_by_name("probabilities").as_numpy(), ref, atol=1e-5)
     assert res2.get_output_by_name("count").as_numpy().tolist() == ref.argmax(axis=1).tolist()
     np.testing.assert_allclose([p["probabilities"] for p in res1["predictions"]], ref, atol=1e-5)
+    np.testing.assert_allclose(res3.get_output_by_name("probabilities").as_numpy(), ref, atol=1e-5)
+
+
+def test_v2_binary_extension_errors_are_4xx(http):
+    jpg = jpeg(seed=8)
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(jpg) + 100}}]}).encode()
+    body = header + len(jpg).to_bytes(4, "little") + jpg
+    r = http.post(V2, content=body, headers={"Inference-Header-Content-Length": str(len(header)),
+                                             "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and f"claims {4 + len(jpg) + 100} binary bytes" in r.json()["error"]
+    r = http.post(V2, content=body, headers={"Inference-Header-Content-Length": str(len(body) + 1)})
+    assert r.status_code == 400 and "outside the body" in r.json()["error"]
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(jpg)}}]}).encode()
+    good = header + len(jpg).to_bytes(4, "little") + jpg
+    r = http.post(V2, content=good, headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["name"] == "count"
 
 
 # ---------------------------------------------------------------- bad input: 4xx naming the problem, then service as usual

@@ -37,6 +37,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 
 from bincounter.model import load_model_dir
+from bincounter.serving.binary_v2 import BinaryBytesInputs
 from bincounter.serving.inference import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RUNTIMES, Counter,
                                           ImageError, Prediction)
 
@@ -272,6 +273,8 @@ def main(args: argparse.Namespace) -> int:
         enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
         access_log_format=args.access_log_format, event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    # Raw JPEGs in the V2 binary tensor extension: see binary_v2.py for why this is needed.
+    kserve.model_server.app.add_middleware(BinaryBytesInputs)
     server.start([model])
     return 0
 
