@@ -64,7 +64,7 @@ def test_synth_upload_download_split_read_back(s3_bucket, tmp_path):
 
 def test_interrupted_download_resumes_without_refetching(s3_bucket, tmp_path):
     src = f"s3://{s3_bucket}/abid"
-    n = 160
+    n = 120
     synthesize(src, images=n, max_count=5, seed=2, workers=8)
     dest = tmp_path / "dl"
     cmd = [sys.executable, "-m", "bincounter.cli", "download", "--source", src, "--dest", str(dest),
