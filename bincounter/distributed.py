@@ -137,9 +137,18 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 1800
     for key, value in env.env_vars().items():
         os.environ.setdefault(key, value)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = {"init_method": "env://"}
+    if env.restart_count > 0:
+        # After a torchrun restart the agent's store still holds the previous attempt's keys, and
+        # gloo would dial the dead workers' addresses (seen with torch 2.14, static and c10d
+        # rendezvous). A per-attempt key prefix gives the new group a clean namespace.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                              is_master=not agent_store and env.rank == 0, timeout=timeout)
+        kwargs = {"store": dist.PrefixStore(f"bincounter/attempt-{env.restart_count}", store)}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None, **kwargs)
 
 
 def cleanup() -> None:
@@ -197,6 +206,17 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP syncs buffers at the start of each forward, then every rank updates its own
+    copy with its own batch; evaluation and checkpoints want one version.
+    """
+    if is_dist_avail_and_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank (e.g. a decision only rank 0 can make)."""
     if not is_dist_avail_and_initialized():
@@ -220,7 +240,7 @@ def partition(n_shards: int, rank: int, world_size: int, worker: int, num_worker
       the rank's stream (``worker_stride``, ``worker_offset``).
 
     Every sample goes to exactly one (rank, worker). Ranks may still get
-    different sample counts; the training loop copes with that (DDP ``join``).
+    different sample counts; the training loop copes with that (``train.train_one_epoch``).
     """
     shards = list(range(n_shards))
     if n_shards >= world_size:

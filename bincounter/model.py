@@ -38,8 +38,8 @@ class ModelConfig:
     # True: the last class means "max_count or more"; False: bins above max_count were dropped.
     k_or_more: bool = False
     input_size: int = 224
-    # Eval transform: resize the short side to resize_size, then centre-crop input_size.
-    resize_size: int = 256
+    # Eval transform: resize the whole image to resize_size x resize_size, then centre-crop input_size.
+    resize_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     dropout: float = 0.0

@@ -1,17 +1,23 @@
-"""Image transforms for training and evaluation (and serving, which uses the eval transform)."""
+"""Image transforms for training and evaluation (and serving, which uses the eval transform).
+
+Counting needs every item in view: the whole bin is resized (squashed) to a square
+instead of centre-cropped, because a crop that cuts an item off changes the label.
+Training adds a small random crop (``resize_size`` -> ``input_size``), flips and
+colour jitter, none of which changes the count much.
+"""
 
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
 import torch
+from torchvision.transforms import v2 as T
 
 
-def train_transform(input_size: int, mean, std) -> T.Compose:
-    # Bins are photographed from above at varying zoom: random crops and flips
-    # keep every item in view often enough; colour jitter covers lighting.
+def train_transform(input_size: int, mean, std, resize_size: int | None = None) -> T.Compose:
+    resize_size = resize_size or input_size
     return T.Compose([
         T.ToImage(),
-        T.RandomResizedCrop(input_size, scale=(0.5, 1.0), antialias=True),
+        T.Resize((resize_size, resize_size), antialias=True),
+        T.RandomCrop(input_size),  # a few pixels of shift when resize_size > input_size
         T.RandomHorizontalFlip(),
         T.RandomVerticalFlip(),
         T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
@@ -21,9 +27,10 @@ def train_transform(input_size: int, mean, std) -> T.Compose:
 
 
 def eval_transform(input_size: int, resize_size: int, mean, std) -> T.Compose:
+    """Resize the whole image to ``resize_size`` x ``resize_size``, then centre-crop ``input_size``."""
     return T.Compose([
         T.ToImage(),
-        T.Resize(resize_size, antialias=True),
+        T.Resize((resize_size, resize_size), antialias=True),
         T.CenterCrop(input_size),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),

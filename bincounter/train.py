@@ -14,9 +14,8 @@ Each epoch rank 0 prints one ``name=value`` line that Katib's StdOut collector p
 Data: each rank reads its share of the train shards and each DataLoader worker a
 share of that (``distributed.partition``), so an epoch sees every training sample
 exactly once. Ranks can end up with different numbers of batches (shards hold
-different sample counts); DDP's ``join()`` lets a rank that runs out first keep
-answering the others' gradient all-reduces, so nothing hangs and no sample is
-dropped. The trailing steps then average gradients over fewer real batches.
+different sample counts); ``train_one_epoch`` keeps them in step without dropping
+or repeating a sample (see its docstring), so DDP never waits on a rank that is done.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0 at the last epoch
     input_size: int = 224
-    resize_size: int = 256  # eval: resize short side, then centre-crop input_size
+    resize_size: int = 0  # resize the whole image to this square, then crop input_size (0: = input_size)
     workers: int = 4  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples per worker shuffled on the fly (shard order is shuffled too)
     seed: int = 0
@@ -102,6 +101,7 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError("dropout and label_smoothing must be in [0, 1)")
+        self.resize_size = self.resize_size or self.input_size
         if self.input_size < 64 or self.resize_size < self.input_size:
             # Below 64 px ResNet's last feature map is 1x1 and a batch of one breaks BatchNorm.
             raise ValueError(f"Need 64 <= input_size <= resize_size, got {self.input_size} and {self.resize_size}")
@@ -164,6 +164,10 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch = self._epoch.value
+        if info is not None:
+            # Persistent workers keep their RNG across epochs; reseed so that an epoch's augmentation
+            # depends only on (seed, epoch, rank, worker) and a resumed epoch replays exactly.
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 1_009 + self.rank * 101 + worker) % 2 ** 31)
         samples = self._samples(epoch, worker, num_workers)
         if self.shuffle_buffer:
             samples = _shuffled(samples, self.shuffle_buffer,
@@ -240,45 +244,59 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: TrainConfig,
                     steps_per_epoch: int | None, profiler=None) -> dict[str, float]:
-    """One pass over this rank's share of the training data. Returns sums reduced over ranks."""
+    """One pass over this rank's share of the training data. Returns the epoch's metrics, over all ranks.
+
+    Ranks may hold different numbers of samples. Every step the ranks agree (one tiny all-reduce)
+    on how many samples the step has in all; a rank that has run out steps along on its last batch
+    with weight 0, so all ranks make the same optimizer steps, and each step's gradient is the mean
+    over the step's real samples whatever the batch sizes (the loss is a sum / global count, times
+    the world size that DDP divides by). The loop ends when no rank has data left.
+    """
     model.train()
     amp_dtype = amp_dtype_for(device)
+    world = dist_utils.get_world_size()
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
-    # join(): a rank that runs out of batches shadows the others' all-reduces (see module docstring).
-    joined = model.join() if isinstance(model, DDP) else contextlib.nullcontext()
-    with joined:
-        for step, (images, targets) in enumerate(loader, start=1):
-            progress = epoch + (min((step - 1) / steps_per_epoch, 0.999) if steps_per_epoch else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_epochs, cfg.epochs)
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(model(images), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"Loss is {loss_value} at epoch {epoch + 1}, step {step} (rank {dist_utils.get_rank()}); "
-                    f"stopping. Lower --lr (now {cfg.lr}) or check the data.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss_value * len(targets)
-            seen += len(targets)
-            if profiler is not None:
-                profiler.step()
-            if step % cfg.print_freq == 0:
-                log.info("epoch %d step %d/%s loss %.4f lr %.3g", epoch + 1, step, steps_per_epoch or "?",
-                         loss_value, optimizer.param_groups[0]["lr"])
-    sums = dist_utils.reduce_sums({"loss": loss_sum, "n": seen, "seconds": time.perf_counter() - start}, device)
-    if sums["n"] == 0:
+    batches, last, step = iter(loader), None, 0
+    while True:
+        batch = next(batches, None)
+        n_local = 0 if batch is None else len(batch[1])
+        n_step = dist_utils.reduce_sums({"n": n_local}, device)["n"]
+        if n_step == 0:
+            break
+        step += 1
+        images, targets = batch if batch is not None else last
+        last = (images, targets)
+        progress = epoch + (min((step - 1) / steps_per_epoch, 0.999) if steps_per_epoch else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_epochs, cfg.epochs)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_local = criterion(model(images), targets)  # summed over this rank's samples
+        loss_value = loss_local.item() / max(n_local, 1)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"Loss is {loss_value} at epoch {epoch + 1}, step {step} (rank {dist_utils.get_rank()}); "
+                f"stopping. Lower --lr (now {cfg.lr}) or check the data.")
+        weight = world / n_step if n_local else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss_local * weight).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss_value * n_local
+        seen += n_local
+        if profiler is not None:
+            profiler.step()
+        if step % cfg.print_freq == 0:
+            log.info("epoch %d step %d/%s loss %.4f lr %.3g", epoch + 1, step, steps_per_epoch or "?",
+                     loss_value, optimizer.param_groups[0]["lr"])
+    if step == 0:
         raise ValueError(f"No training samples in {cfg.data} (split train) with counts 0..{cfg.max_count}")
+    sums = dist_utils.reduce_sums({"loss": loss_sum, "n": seen, "seconds": time.perf_counter() - start}, device)
     return {"train-loss": sums["loss"] / sums["n"], "train-samples": int(sums["n"]),
-            "images-per-s": sums["n"] / (sums["seconds"] / dist_utils.get_world_size()),
-            "lr": optimizer.param_groups[0]["lr"]}
+            "images-per-s": sums["n"] / (sums["seconds"] / world), "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.inference_mode()
@@ -383,7 +401,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     # Data: this rank's share of each split.
     manifest = shards.read_manifest(cfg.data)
     train_set = ShardDataset(shards.shard_uris(cfg.data, "train"),
-                             presets.train_transform(cfg.input_size, model_cfg.mean, model_cfg.std),
+                             presets.train_transform(cfg.input_size, model_cfg.mean, model_cfg.std, cfg.resize_size),
                              cfg.max_count, cfg.k_or_more, env.rank, env.world_size, cfg.shuffle_buffer, cfg.seed)
     val_set = ShardDataset(shards.shard_uris(cfg.data, cfg.val_split),
                            presets.eval_transform(cfg.input_size, cfg.resize_size, model_cfg.mean, model_cfg.std),
@@ -412,7 +430,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     elif cfg.resume:
         log.info("--resume: no checkpoint at %s yet, starting from scratch", checkpoint_uri)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.distributed else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
 
     writer = tb_dir = None
     if main_process:
@@ -428,6 +446,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
         with _maybe_profile(cfg, epoch == start_epoch, env.rank) as profiler:
             row = train_one_epoch(ddp_model, train_loader, criterion, optimizer, scaler, device, epoch, cfg,
                                   steps_per_epoch, profiler)
+        dist_utils.broadcast_buffers(model)  # BatchNorm statistics of rank 0 (the checkpointed ones) everywhere
         val = validate(model, val_loader, device, model_cfg.num_classes, model_cfg.class_names)
         row.update({f"val-{k}": val[k] for k in ("loss", "accuracy", "rmse", "mae", "within1", "macro_f1")})
         row["epoch"] = epoch + 1
@@ -500,7 +519,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--label-smoothing", "label smoothing of the training loss")
     add("--warmup-epochs", "epochs of linear warmup before the cosine decay")
     add("--input-size", "training and eval crop size in pixels")
-    add("--resize-size", "eval: resize the short side to this, then centre-crop --input-size")
+    add("--resize-size", "resize whole images to this square, then crop --input-size (random crop in "
+                         "training, centre crop in eval); 0 means --input-size, no crop")
     add("--workers", "DataLoader worker processes per rank")
     add("--shuffle-buffer", "samples per worker in the shuffle buffer (0: no shuffling)")
     add("--seed", "random seed (data order, augmentation, initialisation)")
