@@ -527,9 +527,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--device", "where to train: auto picks cuda:LOCAL_RANK when a GPU is visible", choices=("auto", "cpu", "cuda"))
     add("--resume", "continue from the checkpoint in --checkpoint-dir if there is one (safe to always pass); "
                     "under torchrun restarts this happens anyway", action="store_true")
-    add("--checkpoint-dir", "folder or s3:// prefix for checkpoint.pt (default <output>/checkpoints)")
-    add("--metrics-file", "JSON file of per-epoch metrics (default <output>/metrics.json)")
-    add("--tensorboard-dir", "TensorBoard log folder (default <output>/tensorboard)")
+    add("--checkpoint-dir", "folder or s3:// prefix for checkpoint.pt (empty: <output>/checkpoints)")
+    add("--metrics-file", "JSON file of per-epoch metrics (empty: <output>/metrics.json)")
+    add("--tensorboard-dir", "TensorBoard log folder or s3:// prefix (empty: <output>/tensorboard)")
     add("--profile", "write a torch.profiler trace of a few steps to <output>/profile", action="store_true")
     add("--print-freq", "log progress every N steps")
     add("--val-split", "split of --data to validate on each epoch")

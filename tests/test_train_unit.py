@@ -85,3 +85,27 @@ def test_nan_loss_stops_with_epoch_and_step(synthetic_split, tmp_path):
         tr.train(data=synthetic_split, output=str(tmp_path / "m"), arch="resnet18", input_size=64, resize_size=72,
                  epochs=1, warmup_epochs=0, lr=1e30, batch_size=8, workers=0, device="cpu")
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+def test_train_reads_and_writes_s3_with_profile(synthetic_split, s3_bucket, tmp_path):
+    """Shards read from an s3:// prefix; model folder, checkpoint, metrics, TensorBoard and profiler
+    trace written to one (moto server as the S3 endpoint). One process, one epoch, in-process."""
+    from pathlib import Path
+
+    from bincounter import model as model_lib
+    from bincounter import storage
+
+    data = f"s3://{s3_bucket}/split"
+    for rel, _ in storage.list_files(synthetic_split):
+        storage.upload_file(Path(synthetic_split, rel), storage.join(data, rel))
+    out = f"s3://{s3_bucket}/runs/model"
+    final = tr.train(data=data, output=out, arch="resnet18", input_size=64, epochs=1, warmup_epochs=0,
+                     batch_size=16, workers=0, device="cpu", profile=True)
+    assert final["epoch"] == 1
+    assert final["train-samples"] == shards.read_manifest(synthetic_split)["splits"]["train"]["samples"]
+    names = {rel for rel, _ in storage.list_files(out)}
+    assert {"model.pt", "config.json", "metrics.json", "checkpoints/checkpoint.pt"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names), names
+    assert any(n.startswith("profile/") and "rank0" in n for n in names), names
+    net, cfg = model_lib.load_model_dir(out)
+    assert cfg.metrics == final and cfg.train_args["data"] == data
