@@ -8,8 +8,8 @@
 4. ask the served model to count a few bins, print a summary, stop the server and the endpoint.
 
 The demo uses a SMALL configuration so that it finishes in minutes on 2 CPU
-cores: ResNet18 from scratch, 96 px inputs, a few hundred synthetic images, a
-few epochs, 2 tuning trials. Production defaults (``pipeline.py``): ResNet50
+cores: ResNet18 from scratch, 64 px inputs, 600 synthetic images, 8 epochs,
+2 one-epoch tuning trials. Production defaults (``pipeline.py``): ResNet50
 from ImageNet weights, 224 px, the full ABID bucket, 20 epochs, 12 Katib trials,
 2 GPU workers. Everything lands in ``./demo-output/``.
 """
@@ -38,13 +38,13 @@ DEMO_DEFAULTS: dict[str, tuple[Any, str]] = {
     "images": (600, "synthetic bins to generate"),
     "max_count": (4, "K: bins hold 0..K items; classes are counts 0..K"),
     "seed": (0, "seed of the synthetic data and the split"),
-    "short_side": (112, "split: resize images so the short side is this many px"),
+    "short_side": (72, "split: resize images so the short side is this many px (production: 320)"),
     "arch": ("resnet18", "network (production: resnet50)"),
-    "input_size": (96, "training crop in px (production: 224)"),
+    "input_size": (64, "training crop in px (production: 224; 64 is the trainer's minimum)"),
     "epochs": (8, "training epochs (production: 20)"),
     "processes": (2, "training processes under torchrun (the cluster's workers x GPUs)"),
     "tune_trials": (2, "optuna trials (production: 12 Katib trials)"),
-    "tune_epochs": (2, "epochs per trial (production: 3)"),
+    "tune_epochs": (1, "epochs per trial (production: 3)"),
     "predict_images": (4, "bins to count through the served model at the end"),
 }
 
@@ -165,8 +165,9 @@ def demo_params(s3_url: str, cfg: dict[str, Any]) -> dict[str, Any]:
         source=f"s3://{SOURCE_BUCKET}", source_endpoint_url=s3_url, source_auth="signed",
         download_workers=8, max_count=cfg["max_count"], split_seed=cfg["seed"], short_side=cfg["short_side"],
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
-        # DataLoader workers: the images are tiny and 2 cores are shared by 2 ranks.
-        extra_train_args=["--workers", "0"],
+        # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
+        # Half an epoch of warmup, so that one-epoch tuning trials are valid (warmup < epochs).
+        extra_train_args=["--workers", "0", "--warmup-epochs", "0.5"],
         workers=cfg["processes"], gpus_per_worker=0, tune_trials=cfg["tune_trials"], tune_parallelism=1,
         tune_max_failed_trials=1, tune_epochs=cfg["tune_epochs"], tune_gpus_per_trial=0,
         deploy_model=True, smoke_images=2, spot=False,
