@@ -7,10 +7,11 @@ Two parts, printed as Markdown (docs/benchmarks/serving.md holds a run):
    so background load hits every runtime alike.
 2. server: ``bincounter serve`` as a subprocess, one real ABID JPEG per request, at each
    ``--concurrency``: p50/p99 latency and throughput, next to the bare ``Counter.predict``
-   (decode + transform + forward, no HTTP) for the same image. The overhead ratio is
-   server p50 / bare p50 at concurrency 1, and bare throughput / server throughput above it.
+   (decode + transform + forward, no HTTP) for the same image. At concurrency 1 bare calls and
+   server requests alternate; the overhead ratio is server p50 / bare p50 there, and bare
+   throughput / server throughput above it.
 
-    python benchmarks/bench_serving.py --arch resnet50 --input-size 224 --runtime eager
+    python benchmarks/bench_serving.py --torch-threads 1 --compile   # docs/benchmarks/serving.md
 """
 
 from __future__ import annotations
@@ -72,14 +73,18 @@ def bench_runtimes(model_dir: str, input_size: int, repeats: int, with_compile: 
     return lines
 
 
-def time_bare(counter: Counter, image: bytes, requests: int) -> tuple[list[float], float]:
-    latencies = []
-    start = time.perf_counter()
-    for _ in range(requests):
-        t = time.perf_counter()
-        counter.predict([image])
-        latencies.append(time.perf_counter() - t)
-    return latencies, time.perf_counter() - start
+def time_paired(counter: Counter, url: str, body: dict, image: bytes, requests: int) -> tuple[list, list, int]:
+    """Concurrency 1: a bare call and a server request alternate, so both see the same load."""
+    bare, served, errors = [], [], 0
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for _ in range(requests):
+            t = time.perf_counter()
+            counter.predict([image])
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            errors += client.post("/v1/models/bincounter:predict", json=body).status_code != 200
+            served.append(time.perf_counter() - t)
+    return bare, served, errors
 
 
 async def time_server(url: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
@@ -102,24 +107,34 @@ async def time_server(url: str, body: dict, concurrency: int, requests: int) -> 
 
 def bench_interleaved(counter: Counter, url: str, image: bytes, concurrency: list[int], requests: int,
                       rounds: int) -> dict:
-    """Bare and server blocks alternate, ``rounds`` times, so load from other processes hits all alike."""
+    """Rounds of: bare/server pairs at concurrency 1, then a block per higher concurrency.
+
+    Load from other processes changes over minutes; spreading every mode over the whole run
+    makes it hit all modes alike.
+    """
     body = {"instances": [{"image": {"b64": base64.b64encode(image).decode()}}]}
     counter.predict([image])  # warm-up, both sides
     httpx.post(f"{url}/v1/models/bincounter:predict", json=body, timeout=300)
     modes = ["bare"] + concurrency
-    stats = {m: {"latencies": [], "elapsed": 0.0, "requests": 0, "errors": 0} for m in modes}
+    stats = {m: {"latencies": [], "elapsed": 0.0, "errors": 0} for m in modes}
+
+    def add(mode, latencies, elapsed, errors=0):
+        stats[mode]["latencies"] += latencies
+        stats[mode]["elapsed"] += elapsed
+        stats[mode]["errors"] += errors
+
     per_round = max(1, requests // rounds)
     for _ in range(rounds):
-        for m in modes:
-            if m == "bare":
-                lat, elapsed, errors = *time_bare(counter, image, max(1, per_round // 2)), 0
-            else:
-                lat, elapsed, errors = asyncio.run(time_server(url, body, m, max(per_round, m)))
-            st = stats[m]
-            st["latencies"] += lat
-            st["elapsed"] += elapsed
-            st["requests"] += len(lat)
-            st["errors"] += errors
+        if 1 in concurrency:
+            bare, served, errors = time_paired(counter, url, body, image, per_round)
+            add("bare", bare, sum(bare))
+            add(1, served, sum(served), errors)
+        else:
+            bare, _, _ = time_paired(counter, url, body, image, max(1, per_round // 4))
+            add("bare", bare, sum(bare))
+        for c in concurrency:
+            if c > 1:
+                add(c, *asyncio.run(time_server(url, body, c, max(per_round, c))))
     return stats
 
 
@@ -197,12 +212,12 @@ def main(args: argparse.Namespace) -> int:
     print("| | concurrency | requests | p50 ms | p99 ms | req/s | errors | overhead |")
     print("|---|---|---|---|---|---|---|---|")
     bare = stats.pop("bare")
-    bare_p50, bare_rps = percentile(bare["latencies"], 50), bare["requests"] / bare["elapsed"]
+    bare_p50, bare_rps = percentile(bare["latencies"], 50), len(bare["latencies"]) / bare["elapsed"]
     for name, c, st in [("bare Counter.predict", 1, bare)] + [("server V1", c, st) for c, st in stats.items()]:
         p50, p99 = percentile(st["latencies"], 50), percentile(st["latencies"], 99)
-        rps = st["requests"] / st["elapsed"]
+        rps = len(st["latencies"]) / st["elapsed"]
         overhead = p50 / bare_p50 if c == 1 else bare_rps / rps
-        print(f"| {name} | {c} | {st['requests']} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | {rps:.2f} | "
+        print(f"| {name} | {c} | {len(st['latencies'])} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | {rps:.2f} | "
               f"{st['errors']} | {overhead:.2f} |")
     return 0
 
