@@ -43,9 +43,10 @@ from bincounter.serving.inference import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_I
 
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the storageUri
 DEFAULT_MAX_BATCH_SIZE = 32
-# TorchScript (trace + freeze) was 11-17% faster than eager on CPU in every run of
-# benchmarks/bench_serving.py (docs/benchmarks/serving.md). torch.compile was faster still but
-# needs a C compiler in the image and ~40 s of compiling per new batch shape at serving time.
+# TorchScript (trace + freeze) was faster than eager on CPU in every run of
+# benchmarks/bench_serving.py (6-17% on one quiet-ish thread; docs/benchmarks/serving.md).
+# torch.compile was no faster at batch 1 and 8% faster at batch 8, but needs a C compiler in
+# the image (the server image has none) and ~45 s of compiling per new batch shape.
 DEFAULT_RUNTIME = "torchscript"
 V1_FORMAT = '{"instances": [{"image": {"b64": "<base64 JPEG>"}}, ...]}'
 
