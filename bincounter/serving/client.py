@@ -99,6 +99,11 @@ def predict(images: list[bytes], *, url: str, names: list[str] | None = None, mo
     return parse_response(response.json(), names, protocol)
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -121,15 +126,12 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        images = []
-        for path in paths:
-            with open(path, "rb") as f:
-                images.append(f.read())
         try:
+            images = [_read(path) for path in paths]
             results += predict(images, names=paths, url=args.url, model_name=args.model_name,
-                               protocol=args.protocol, token=args.token or os.environ.get("BINCOUNTER_TOKEN"), host_header=args.host_header,
-                               timeout=args.timeout)
-        except PredictError as e:
+                               protocol=args.protocol, token=args.token or os.environ.get("BINCOUNTER_TOKEN"),
+                               host_header=args.host_header, timeout=args.timeout)
+        except (OSError, PredictError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     for r in results:
