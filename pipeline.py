@@ -61,6 +61,7 @@ def bincounter_pipeline(
     test_fraction: float = 0.1,
     split_seed: int = 0,
     short_side: int = 320,
+    shard_size: int = 1000,
     arch: str = "resnet50",
     pretrained: str = "imagenet",
     input_size: int = 224,
@@ -101,7 +102,8 @@ def bincounter_pipeline(
 
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
-            test=test_fraction, seed=split_seed, short_side=short_side, s3_endpoint_url=s3_endpoint_url),
+            test=test_fraction, seed=split_seed, short_side=short_side, shard_size=shard_size,
+            s3_endpoint_url=s3_endpoint_url),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
         split_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")
