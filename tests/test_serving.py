@@ -472,3 +472,15 @@ def test_decode_image_guards():
     png = io.BytesIO()
     Image.new("L", (10, 10)).save(png, "PNG")
     assert decode_image(png.getvalue()).mode == "RGB"
+
+
+def test_torch_threads_follow_the_pod_cpu_limit(monkeypatch):
+    """A pod limited to 1.5 CPUs on a big node gets 2 torch threads, not one per node core."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: 0.5)
+    assert serving_server.cpu_limit() == 1
+    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: 1.5)
+    assert serving_server.cpu_limit() == min(cores, 2)
+    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: None)  # v2 without a limit
+    monkeypatch.setattr(serving_server, "_cgroup_v1_quota", lambda: None)
+    assert serving_server.cpu_limit() == cores

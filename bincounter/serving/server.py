@@ -205,20 +205,32 @@ class BinCounterModel(kserve.Model):
 
 
 def cpu_limit() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a pod's CPU limit).
+    """CPUs this process may use: its affinity, capped by the cgroup CPU quota (a pod's CPU limit).
 
     torch sizes its thread pool from the host's core count; in a pod limited to 2 CPUs on a
     64-core node that means 64 spinning threads throttled to 2 CPUs, many times slower.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    for read in (_cgroup_v2_quota, _cgroup_v1_quota):
+        try:
+            quota = read()
+        except (OSError, ValueError):
+            continue
+        if quota is not None:
+            return min(cpus, max(1, math.ceil(quota)))
     return cpus
+
+
+def _cgroup_v2_quota() -> float | None:
+    with open("/sys/fs/cgroup/cpu.max") as f:
+        quota, period = f.read().split()
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _cgroup_v1_quota() -> float | None:
+    with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as g:
+        quota, period = int(f.read()), int(g.read())
+    return None if quota <= 0 else quota / period
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
