@@ -372,7 +372,8 @@ def test_load_fails_fast_on_a_bad_folder(tmp_path, model_dir):
         BinCounterModel(MODEL_NAME, str(unknown)).load()
 
     # The entrypoint reports it and exits non-zero instead of serving an unready model.
-    args = serving_server.get_args_parser().parse_args(["--model", str(tmp_path / "nope"), "--port", "1"])
+    args = serving_server.get_args_parser().parse_args(["--model", str(tmp_path / "nope"), "--port", "1",
+                                                        "--configure_logging", "false"])
     assert serving_server.main(args) == 1
 
 

@@ -263,14 +263,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.configure_logging:  # before load(), so its log lines show (ModelServer would do it later)
         kserve.logging.configure_logging(args.log_config_file)
-    # PIL's own bomb guard (a process-wide setting) follows our limit too; decode_image turns its
-    # warning above the limit into an error, so no pixel of a too-large image is decoded.
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
-    elif not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(cpu_limit())
-    logger.info("torch uses %d intra-op threads", torch.get_num_threads())
     model = BinCounterModel(args.model_name, args.model, runtime=args.runtime, max_batch_size=args.max_batch_size,
                             max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes)
     try:
@@ -278,6 +270,11 @@ def main(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(cpu_limit())
+    logger.info("torch uses %d intra-op threads", torch.get_num_threads())
     # Every server setting is passed explicitly: kserve.model_server's own module-level
     # defaults come from sys.argv, which is not this parser's view of the command line.
     server = kserve.ModelServer(
@@ -286,6 +283,9 @@ def main(args: argparse.Namespace) -> int:
         enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
         access_log_format=args.access_log_format, event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    # PIL's own bomb guard (a process-wide setting) follows our limit too; decode_image turns its
+    # warning above the limit into an error, so no pixel of a too-large image is decoded.
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     # Raw JPEGs in the V2 binary tensor extension: see binary_v2.py for why this is needed.
     kserve.model_server.app.add_middleware(BinaryBytesInputs)
     server.start([model])
