@@ -159,3 +159,30 @@ def test_real_torchrun_failure_raises_with_the_trainers_error(tmp_path):
                                  "No manifest.json under")
     assert "bincounter split" in first_line and "ChildFailedError" in rest
     assert not (tmp_path / "model" / "model.pt").exists()
+
+
+def test_sigterm_to_the_waiting_step_stops_the_process_it_started(tmp_path):
+    # KFP cancels a step with SIGTERM. The process the engine started lives in its own session
+    # (like torchrun), so it survives its parent unless the engine stops it on the way out.
+    pid_file = tmp_path / "child.pid"
+    waiter = textwrap.dedent(f"""
+        import sys
+        from bincounter.engines import local
+        cmd = [sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                     "print('started', flush=True); time.sleep(60)"]
+        with local.sigterm_raises():
+            local.run_process(cmd, echo=True)
+    """)
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", waiter], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    child = int(pid_file.read_text())
+    assert local._alive(child)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    for _ in range(100):
+        if not local._alive(child):
+            break
+        time.sleep(0.1)
+    assert not local._alive(child)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -99,6 +100,26 @@ def _stop_group(pid: int, grace_s: float = 10.0) -> None:
                 if not _alive(pid):
                     return
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Turn SIGTERM into ``SystemExit`` while waiting, so ``finally`` blocks stop the process groups
+    this engine started. KFP (and Kubernetes) stop a cancelled step with SIGTERM, whose default
+    action would end this process at once and orphan torchrun and its workers (their own sessions).
+    A no-op outside the main thread, where Python cannot install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_process(cmd: Sequence[str], *, deadline_s: float | None = None, env: dict[str, str] | None = None,
@@ -250,8 +271,11 @@ def train(data: str, output: str, train_args: Sequence[str] = (), *, nproc_per_n
                 on_metrics(metrics)
 
     start = time.monotonic()
-    run_process(train_command(data, output, train_args, nproc_per_node=nproc_per_node, max_restarts=max_restarts),
-                deadline_s=deadline_s, on_line=on_line, name="torchrun bincounter.train", run_id=run_id, echo=echo)
+    with sigterm_raises():
+        run_process(train_command(data, output, train_args, nproc_per_node=nproc_per_node,
+                                  max_restarts=max_restarts),
+                    deadline_s=deadline_s, on_line=on_line, name="torchrun bincounter.train", run_id=run_id,
+                    echo=echo)
     seconds = time.monotonic() - start
     if not epochs:
         raise LocalRunError(f"Training finished but printed no 'epoch=N ... {search_space.OBJECTIVE_METRIC}=...' "
@@ -348,8 +372,9 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if prune else None,
     )
     start = time.monotonic()
-    study.optimize(objective, n_trials=trials, n_jobs=parallelism, timeout=timeout_s,
-                   catch=(LocalRunError,), callbacks=[stop_on_failures])
+    with sigterm_raises():
+        study.optimize(objective, n_trials=trials, n_jobs=parallelism, timeout=timeout_s,
+                       catch=(LocalRunError,), callbacks=[stop_on_failures])
     seconds = time.monotonic() - start
     records.sort(key=lambda r: r["number"])
     failed = [r for r in records if r["state"] == "FAIL"]
