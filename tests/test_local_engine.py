@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -186,3 +187,61 @@ def test_sigterm_to_the_waiting_step_stops_the_process_it_started(tmp_path):
             break
         time.sleep(0.1)
     assert not local._alive(child)
+
+
+FAKE_TRAINER = '''
+"""A stand-in for bincounter.train under torchrun: prints Katib metric lines from the hyperparameters."""
+import argparse, math, sys, time
+p = argparse.ArgumentParser()
+for flag in ("--data", "--output", "--optimizer"):
+    p.add_argument(flag)
+for flag in ("--lr", "--weight-decay", "--dropout"):
+    p.add_argument(flag, type=float)
+p.add_argument("--batch-size", type=int)
+p.add_argument("--epochs", type=int)
+a = p.parse_args()
+if a.dropout > 0.4:
+    print("ValueError: simulated divergence", flush=True)
+    sys.exit(1)
+for epoch in range(1, a.epochs + 1):
+    acc = max(0.0, 1 - abs(math.log10(a.lr) + 3) / 2) * epoch / a.epochs  # best near lr=1e-3
+    print(f"epoch={epoch} train-loss={1 - acc:.4f} val-accuracy={acc:.4f}", flush=True)
+    time.sleep(0.2)
+'''
+
+
+def _fake_accuracy(lr: float, epoch: int, epochs: int) -> float:
+    import math
+
+    return round(max(0.0, 1 - abs(math.log10(lr) + 3) / 2) * epoch / epochs, 4)
+
+
+def test_tune_records_complete_pruned_and_failed_trials(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = local.tune("unused-split", str(tmp_path / "tune"), ["--epochs", "4"], trials=8, seed=3,
+                        module="fake_trainer", echo=False)
+    states = {r["number"]: r["state"] for r in result.trials}
+    assert len(states) == 8 and set(states.values()) <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert "PRUNED" in states.values(), states  # median stopping ended a weak trial early
+    for r in result.trials:
+        if r["state"] == "COMPLETE":  # objective: the best epoch's val-accuracy, as Katib's "max" strategy
+            assert r["value"] == _fake_accuracy(r["params"]["lr"], 4, 4)
+        if r["state"] == "FAIL":
+            assert r["params"]["dropout"] > 0.4 and "simulated divergence" in r["error"]
+        if r["state"] == "PRUNED":
+            assert r["value"] < _fake_accuracy(r["params"]["lr"], 4, 4)  # stopped before its last epoch
+    complete = [r for r in result.trials if r["state"] == "COMPLETE"]
+    assert result.best_value == max(r["value"] for r in complete)
+    assert result.best_params == next(r["params"] for r in complete if r["value"] == result.best_value)
+    saved = json.loads((tmp_path / "tune" / "tuning.json").read_text())
+    assert saved["best_params"] == result.best_params and len(saved["trials"]) == 8
+
+
+def test_tune_fails_when_no_trial_completes(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    only_failing = [search_space.Param("dropout", "double", low=0.45, high=0.5)]
+    with pytest.raises(local.LocalRunError, match=r"0 of 2 trials completed, 2 failed"):
+        local.tune("unused-split", str(tmp_path / "tune"), ["--epochs", "2"], trials=2, module="fake_trainer",
+                   space=only_failing, echo=False)

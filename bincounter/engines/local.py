@@ -237,8 +237,11 @@ def parse_metric_line(line: str) -> dict[str, float] | None:
     return metrics if "epoch" in metrics else None
 
 
+TRAIN_MODULE = "bincounter.train"
+
+
 def train_command(data: str, output: str, train_args: Sequence[str] = (), *, nproc_per_node: int = 2,
-                  max_restarts: int = 0) -> list[str]:
+                  max_restarts: int = 0, module: str = TRAIN_MODULE) -> list[str]:
     """``torchrun --standalone --nproc-per-node N -m bincounter.train --data D --output O ARGS``.
 
     ``python -m torch.distributed.run`` is torchrun, run with this interpreter so the
@@ -248,18 +251,21 @@ def train_command(data: str, output: str, train_args: Sequence[str] = (), *, npr
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            f"--max-restarts={max_restarts}", "-m", "bincounter.train",
+            f"--max-restarts={max_restarts}", "-m", module,
             "--data", data, "--output", output, *train_args]
 
 
 def train(data: str, output: str, train_args: Sequence[str] = (), *, nproc_per_node: int = 2,
           max_restarts: int = 0, deadline_s: float | None = None, run_id: str | None = None,
-          on_metrics: Callable[[dict[str, float]], None] | None = None, echo: bool = True) -> TrainResult:
+          on_metrics: Callable[[dict[str, float]], None] | None = None, echo: bool = True,
+          module: str = TRAIN_MODULE) -> TrainResult:
     """Train with ``nproc_per_node`` local processes under torchrun (DDP, gloo on CPU).
 
     ``train_args`` are ``bincounter train`` flags (``["--epochs", "3", ...]``).
     Returns the model folder and the last epoch's metrics as the trainer printed them.
     Raises ``LocalRunError`` with the tail of the output on failure or at the deadline.
+    ``module`` is the entrypoint torchrun starts (only tests pass another: a stand-in that
+    prints metric lines without training).
     """
     epochs: list[dict[str, float]] = []
 
@@ -273,9 +279,8 @@ def train(data: str, output: str, train_args: Sequence[str] = (), *, nproc_per_n
     start = time.monotonic()
     with sigterm_raises():
         run_process(train_command(data, output, train_args, nproc_per_node=nproc_per_node,
-                                  max_restarts=max_restarts),
-                    deadline_s=deadline_s, on_line=on_line, name="torchrun bincounter.train", run_id=run_id,
-                    echo=echo)
+                                  max_restarts=max_restarts, module=module),
+                    deadline_s=deadline_s, on_line=on_line, name=f"torchrun {module}", run_id=run_id, echo=echo)
     seconds = time.monotonic() - start
     if not epochs:
         raise LocalRunError(f"Training finished but printed no 'epoch=N ... {search_space.OBJECTIVE_METRIC}=...' "
@@ -298,7 +303,8 @@ def _local_gpus(nproc_per_node: int) -> int:
 def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int = 3, parallelism: int = 1,
          max_failed_trials: int | None = None, nproc_per_node: int = 1, seed: int = 0, prune: bool = True,
          trial_deadline_s: float | None = None, timeout_s: float | None = None, run_id: str | None = None,
-         space: Sequence[search_space.Param] = search_space.SEARCH_SPACE, echo: bool = True) -> TuneResult:
+         space: Sequence[search_space.Param] = search_space.SEARCH_SPACE, echo: bool = True,
+         module: str = TRAIN_MODULE) -> TuneResult:
     """Search ``space`` with optuna (TPE), each trial a real training run; maximise val-accuracy.
 
     Mirrors the Katib Experiment: the same search space and objective (the best
@@ -341,7 +347,7 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
         try:
             result = train(data, trial_dir, [*fixed_args, *search_space.to_train_args(values)],
                            nproc_per_node=nproc_per_node, deadline_s=trial_deadline_s, run_id=run_id,
-                           on_metrics=on_metrics, echo=echo)
+                           on_metrics=on_metrics, echo=echo, module=module)
             if objective_name not in result.metrics:
                 raise LocalRunError(f"Trial {trial.number} printed no {objective_name}=... metric.")
             record.update(state="COMPLETE", value=best[0], metrics=result.metrics)
