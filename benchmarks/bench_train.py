@@ -96,7 +96,11 @@ def data_loop(model, split_root: str, device, cfg: tr.TrainConfig, steps: int) -
     start = time.perf_counter()
     row = tr.train_one_epoch(model, Limited(), criterion, opt, scaler, device, 0, cfg, steps)
     _sync(device)
-    return row["train-samples"] / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    # Stop the persistent workers now, not in a later fork that inherits this loader.
+    if loader._iterator is not None:
+        loader._iterator._shutdown_workers()
+    return row["train-samples"] / seconds
 
 
 def _sync(device):

@@ -264,6 +264,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         if n_step == 0:
             break
         step += 1
+        if batch is None and last is None:  # this rank got no sample at all this epoch
+            last = (torch.zeros(2, 3, cfg.input_size, cfg.input_size), torch.zeros(2, dtype=torch.int64))
         images, targets = batch if batch is not None else last
         last = (images, targets)
         progress = epoch + (min((step - 1) / steps_per_epoch, 0.999) if steps_per_epoch else 0.0)
@@ -420,7 +422,12 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(device) == torch.float16)
     start_epoch, history = 0, []
     # torchrun --max-restarts restarts the whole worker group: pick up where it stopped.
-    if (cfg.resume or env.restart_count > 0) and storage.exists(checkpoint_uri):
+    # Rank 0 decides, so that all ranks start from the same epoch.
+    resume = dist_utils.broadcast_object((cfg.resume or env.restart_count > 0) and storage.exists(checkpoint_uri))
+    if resume:
+        if not storage.exists(checkpoint_uri):
+            raise FileNotFoundError(f"Rank {env.rank} cannot see {checkpoint_uri}, which rank 0 resumes from. "
+                                    "Put --checkpoint-dir on storage every node sees (s3:// or a shared volume).")
         ckpt = load_checkpoint(checkpoint_uri, cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

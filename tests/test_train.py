@@ -28,7 +28,7 @@ from bincounter.data import shards
 pytestmark = pytest.mark.slow
 
 KATIB_REGEX = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"  # Katib's default StdOut filter
-EPOCHS = 6
+EPOCHS = 8
 GLOBAL_BATCH = 16
 COMMON = ["--arch", "resnet18", "--input-size", "64", "--epochs", str(EPOCHS),
           "--lr", "2e-3", "--warmup-epochs", "1", "--workers", "1", "--seed", "0", "--print-freq", "1000"]
@@ -112,7 +112,7 @@ def test_two_processes_learn_to_count(two_proc, synthetic_split):
     The test split has 35 bins; its majority class is ~23% of them (the classes are
     near uniform). We require majority + 0.15 (about 0.38), i.e. 5 more correct bins
     than the majority answer: a model without skill reaches that with ~3% chance
-    (binomial, p=0.23, n=35), while this run reaches ~0.5 (training is deterministic
+    (binomial, p=0.23, n=35), while this run reaches ~0.6 (training is deterministic
     here, so the margin does not vary from run to run on one platform).
     """
     out, _ = two_proc
@@ -120,6 +120,7 @@ def test_two_processes_learn_to_count(two_proc, synthetic_split):
     majority = max(counts.values()) / sum(counts.values())
     metrics = ev.evaluate(str(out), synthetic_split, split="test", workers=0, device="cpu")
     assert metrics["samples"] == sum(counts.values())
+    print(f"test accuracy {metrics['accuracy']:.3f} (majority {majority:.3f}), rmse {metrics['rmse']:.3f}")
     assert metrics["accuracy"] >= majority + 0.15, (metrics["accuracy"], majority)
 
 
@@ -157,6 +158,7 @@ def test_one_and_two_processes_with_the_same_global_batch_match(one_proc, two_pr
     was stopped and resumed; resuming is exact, see the restart test.) Tolerance: validation
     accuracy within 0.15 (5 of 35 bins) and validation loss within 0.25 nats of each other."""
     one, two = final_metrics(one_proc[0]), final_metrics(two_proc[0])
+    print({k: (round(one[k], 4), round(two[k], 4)) for k in ("val-accuracy", "val-loss", "train-loss")})
     assert one["train-samples"] == two["train-samples"]  # every training sample once per epoch, both ways
     assert abs(one["val-accuracy"] - two["val-accuracy"]) <= 0.15, (one, two)
     assert abs(one["val-loss"] - two["val-loss"]) <= 0.25, (one, two)
