@@ -56,7 +56,7 @@ def test_hyperparameters_come_back_in_their_search_space_types():
 def test_training_args_are_checked_by_the_trainers_parser():
     args = engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=2, pretrained="s3://b/w.pth",
                                  extra=["--workers", "0"])
-    assert args == ["--arch", "resnet18", "--max-count", "4", "--input-size", "64", "--resize-size", "73",
+    assert args == ["--arch", "resnet18", "--max-count", "4", "--input-size", "64",
                     "--epochs", "2", "--pretrained", "s3://b/w.pth", "--workers", "0"]
     with pytest.raises(ValueError, match=r"Unknown training arguments \['--wrokers', '0'\]"):
         engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=2, extra=["--wrokers", "0"])

@@ -67,13 +67,12 @@ def training_args(*, arch: str, max_count: int, input_size: int, epochs: int, pr
                   extra: Sequence[str] = ()) -> list[str]:
     """The ``bincounter train`` flags a pipeline run fixes for tuning trials and the final training.
 
-    The eval resize keeps torchvision's 256/224 ratio to the crop, so a small
-    ``input_size`` (the demo's 64 px) is not a tiny centre crop of a large image.
-    ``extra`` is passed through after a check against the trainer's own parser,
+    The trainer resizes each whole image to ``input_size`` (no crop: a crop can cut
+    items off and change the count). ``extra`` is passed through after a check against the trainer's own parser,
     so a misspelled flag fails here, before any job starts.
     """
     args = ["--arch", arch, "--max-count", str(max_count), "--input-size", str(input_size),
-            "--resize-size", str(input_size * 256 // 224), "--epochs", str(epochs)]
+            "--epochs", str(epochs)]
     if pretrained:
         args += ["--pretrained", pretrained]
     args += [str(a) for a in extra]
