@@ -176,6 +176,8 @@ def demo_params(s3_url: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     from bincounter import storage
+    from bincounter.data.shards import read_manifest
+    from bincounter.data.split import summary_text as split_summary_text
     from bincounter.data.synth import synthesize
     from bincounter.engines import local as local_engine
     from bincounter.serving import client
@@ -193,6 +195,8 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
               flush=True)
 
         run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg))
+        split_uri = outputs["split"]["artifacts"]["shards"]["artifacts"][0]["metadata"]["uri"]
+        split_table = split_summary_text(read_manifest(split_uri))
         deployed = outputs["deploy"]["parameterValues"]
         try:
             # Count a few bins from the source bucket through the served model, as a client would.
@@ -210,6 +214,7 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     summary = {
         "seconds": {"synthesize": round(synth_seconds, 1), **{k: round(v, 1) for k, v in seconds.items()},
                     "total": round(time.monotonic() - t0, 1)},
+        "split": split_table, "split_uri": split_uri,
         "best_params": outputs["tune"]["parameterValues"]["best_params"],
         "test_metrics": {k: v for k, v in metrics.items() if k != "seconds"},
         "endpoint": deployed["endpoint"],
@@ -232,6 +237,7 @@ def print_summary(summary: dict[str, Any], cfg: dict[str, Any]) -> None:
     print("\nTime per stage (s):")
     for stage, s in summary["seconds"].items():
         print(f"  {stage:<10} {s:>7.1f}")
+    print(f"\nSplit ({summary['split_uri']}):\n" + summary["split"])
     print(f"\nBest hyperparameters: {json.dumps(summary['best_params'])}")
     m = summary["test_metrics"]
     print("Test metrics: " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))

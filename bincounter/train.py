@@ -80,7 +80,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False  # continue from the checkpoint in checkpoint_dir when there is one
-    checkpoint_dir: str = ""  # default <output>/checkpoints
+    checkpoint_dir: str = ""  # default <output>-checkpoints, beside the model folder (see default_checkpoint_dir)
     metrics_file: str = ""  # default <output>/metrics.json
     tensorboard_dir: str = ""  # default <output>/tensorboard
     profile: bool = False  # torch.profiler trace of a few steps of the first epoch, to <output>/profile
@@ -388,9 +388,16 @@ def train(**kwargs) -> dict[str, Any]:
         dist_utils.cleanup()
 
 
+def default_checkpoint_dir(output: str) -> str:
+    """``runs/model`` -> ``runs/model-checkpoints``: beside the model folder, not in it, so that
+    serving it (KServe's storage initializer copies the whole storageUri) never downloads the
+    optimizer state, which is twice the size of the weights."""
+    return str(output).rstrip("/") + "-checkpoints"
+
+
 def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> dict[str, Any]:
     main_process = dist_utils.is_main_process()
-    checkpoint_uri = storage.join(cfg.checkpoint_dir or storage.join(cfg.output, "checkpoints"), CHECKPOINT_FILE)
+    checkpoint_uri = storage.join(cfg.checkpoint_dir or default_checkpoint_dir(cfg.output), CHECKPOINT_FILE)
     model_cfg = model_lib.ModelConfig(arch=cfg.arch, max_count=cfg.max_count, k_or_more=cfg.k_or_more,
                                       input_size=cfg.input_size, resize_size=cfg.resize_size, dropout=cfg.dropout,
                                       train_args=dataclasses.asdict(cfg))
@@ -534,7 +541,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--device", "where to train: auto picks cuda:LOCAL_RANK when a GPU is visible", choices=("auto", "cpu", "cuda"))
     add("--resume", "continue from the checkpoint in --checkpoint-dir if there is one (safe to always pass); "
                     "under torchrun restarts this happens anyway", action="store_true")
-    add("--checkpoint-dir", "folder or s3:// prefix for checkpoint.pt (empty: <output>/checkpoints)")
+    add("--checkpoint-dir", "folder or s3:// prefix for checkpoint.pt (empty: <output>-checkpoints, beside the model folder)")
     add("--metrics-file", "JSON file of per-epoch metrics (empty: <output>/metrics.json)")
     add("--tensorboard-dir", "TensorBoard log folder or s3:// prefix (empty: <output>/tensorboard)")
     add("--profile", "write a torch.profiler trace of a few steps to <output>/profile", action="store_true")

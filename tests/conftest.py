@@ -85,3 +85,15 @@ def synthetic_split(synthetic_abid, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return DATA_DIR / "abid-sample"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run in-process torch on one thread: tests share 2 cores, and OpenMP threads
+    spinning against each other (and against subprocesses) cost more than they give."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,6 +44,7 @@ import json
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from kubernetes import client as k8s
@@ -232,6 +233,16 @@ class K8sDouble:
     def stop(self):
         self._server.shutdown()
         self._server.server_close()
+
+    def write_kubeconfig(self, path, namespace: str) -> str:
+        """A kubeconfig whose current context points at this double, as a laptop's would at a cluster."""
+        path = Path(path)
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "double",
+            "clusters": [{"name": "double", "cluster": {"server": self.url}}],
+            "users": [{"name": "me", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "double", "context": {"cluster": "double", "user": "me", "namespace": namespace}}]}))
+        return str(path)
 
     def api_client(self) -> k8s.ApiClient:
         cfg = k8s.Configuration(host=self.url)

@@ -17,13 +17,7 @@ from bincounter import presets
 from bincounter.data import shards
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tests share 2 cores with other tests; OpenMP threads spinning against each other cost more than they give.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Eight bins, counts 0..3. Worked by hand:

@@ -18,13 +18,7 @@ RUN = "3f2a9c1e-77aa-4bde-9a31-0c5e2f1d9b10"
 @pytest.fixture
 def double(tmp_path, monkeypatch):
     d = kd.K8sDouble().start()
-    cfg = tmp_path / "kubeconfig"
-    cfg.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "double",
-        "clusters": [{"name": "double", "cluster": {"server": d.url}}],
-        "users": [{"name": "me", "user": {"token": "t"}}],
-        "contexts": [{"name": "double", "context": {"cluster": "double", "user": "me", "namespace": NS}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    monkeypatch.setenv("KUBECONFIG", d.write_kubeconfig(tmp_path / "kubeconfig", NS))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})
     yield d

@@ -244,22 +244,10 @@ def test_new_inference_service_that_never_gets_ready_times_out_and_is_deleted(do
     assert double.deleted == [("inferenceservices", NS, "bincounter")]
 
 
-def _kubeconfig(tmp_path, url):
-    path = tmp_path / "kubeconfig"
-    path.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: double, cluster: {{server: "{url}"}}}}]
-users: [{{name: me, user: {{token: test-token}}}}]
-contexts: [{{name: double, context: {{cluster: double, user: me, namespace: {NS}}}}}]
-current-context: double
-""")
-    return str(path)
-
-
 def test_cli_train_and_deploy_through_a_kubeconfig(double, tmp_path, capsys):
     from bincounter import cli
 
-    kubeconfig = _kubeconfig(tmp_path, double.url)
+    kubeconfig = double.write_kubeconfig(tmp_path / "kubeconfig", NS)
     double.script("pytorchjobs", "cli-job", kd.pytorchjob_success(NS, "cli-job"))
     out = tmp_path / "result.json"
     rc = cli.main(["k8s", "train", "--name", "cli-job", "--namespace", NS, "--kubeconfig", kubeconfig,

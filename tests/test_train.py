@@ -130,7 +130,8 @@ def test_model_folder_is_what_serving_loads(two_proc):
     assert (cfg.arch, cfg.max_count, cfg.num_classes, cfg.input_size, cfg.resize_size) == ("resnet18", 5, 6, 64, 64)
     assert cfg.train_args["batch_size"] == GLOBAL_BATCH // 2 and cfg.train_args["optimizer"] == "adamw"
     assert cfg.metrics == final_metrics(out) and cfg.metrics["epoch"] == EPOCHS
-    assert (out / "checkpoints" / "checkpoint.pt").exists()
+    assert (out.parent / f"{out.name}-checkpoints" / "checkpoint.pt").exists()
+    assert not (out / "checkpoints").exists()  # KServe copies the whole model folder
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
