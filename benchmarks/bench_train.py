@@ -74,12 +74,12 @@ def bincounter_loop(model, batches, device, cfg: tr.TrainConfig) -> float:
 def data_loop(model, split_root: str, device, cfg: tr.TrainConfig, steps: int) -> float:
     """train_one_epoch over real shards through DataLoader workers (decode + augmentation included)."""
     from bincounter import presets
-    from bincounter.data import shards
+    from bincounter.data import loader, shards
 
-    ds = tr.ShardDataset(shards.shard_uris(split_root, "train"),
+    ds = loader.ShardDataset(shards.shard_uris(split_root, "train"),
                          presets.train_transform(cfg.input_size, model_lib.IMAGENET_MEAN, model_lib.IMAGENET_STD),
                          max_count=cfg.max_count, shuffle_buffer=cfg.shuffle_buffer)
-    loader = tr.make_loader(ds, cfg.batch_size, cfg.workers, device)
+    loader = loader.make_loader(ds, cfg.batch_size, cfg.workers, device)
 
     class Limited:  # the first `steps` batches of each pass
         def __iter__(self):

@@ -120,7 +120,7 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     from bincounter import distributed, model as model_lib, presets
     from bincounter.data import shards
     # Imported here: train imports this module's metric functions at its top.
-    from bincounter.train import ShardDataset, make_loader
+    from bincounter.data.loader import ShardDataset, make_loader
 
     dev = distributed.select_device(device, distributed.DistEnv())
     net, cfg = model_lib.load_model_dir(model_dir, device=dev)

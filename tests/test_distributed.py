@@ -83,7 +83,7 @@ def test_partition_reads_every_sample_exactly_once(shard_sizes, world, workers):
         for worker in range(workers):
             shards, rank_stride, worker_stride, worker_offset = d.partition(len(shard_sizes), rank, world,
                                                                             worker, workers)
-            kept = 0  # the dataset's rule (bincounter.train.ShardDataset._samples)
+            kept = 0  # the dataset's rule (bincounter.data.loader.ShardDataset._samples)
             for s in shards:
                 for j in range(shard_sizes[s]):
                     if rank_stride > 1 and (s + j) % rank_stride != rank:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from bincounter import search_space
 from bincounter import train as tr
-from bincounter.data import shards
+from bincounter.data import loader, shards
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,7 +49,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def _labels(split_root, **kw):
-    ds = tr.ShardDataset(shards.shard_uris(split_root, "val"), transform=lambda im: torch.zeros(1), **kw)
+    ds = loader.ShardDataset(shards.shard_uris(split_root, "val"), transform=lambda im: torch.zeros(1), **kw)
     return sorted(label for _, label in ds)
 
 
@@ -67,7 +66,7 @@ def test_dataset_ranks_and_workers_split_samples_without_overlap(synthetic_split
     uris = shards.shard_uris(synthetic_split, "val")  # 2 shards: 3 ranks must split samples, not shards
     ids = []
     for rank in range(3):
-        ds = tr.ShardDataset(uris, transform=None, max_count=99, rank=rank, world_size=3, shuffle_buffer=8)
+        ds = loader.ShardDataset(uris, transform=None, max_count=99, rank=rank, world_size=3, shuffle_buffer=8)
         ds.set_epoch(1)
         ids += [s.id for s, _ in ds._samples(1, worker=0, num_workers=1)]
     everything = [s.id for uri in uris for s in shards.iter_shard(uri)]
