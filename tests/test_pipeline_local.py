@@ -8,7 +8,6 @@ handler runs with a failed status.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
