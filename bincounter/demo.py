@@ -40,7 +40,7 @@ DEMO_DEFAULTS: dict[str, tuple[Any, str]] = {
     "seed": (0, "seed of the synthetic data and the split"),
     "short_side": (72, "split: resize images so the short side is this many px (production: 320)"),
     "arch": ("resnet18", "network (production: resnet50)"),
-    "input_size": (64, "training crop in px (production: 224; 64 is the trainer's minimum)"),
+    "input_size": (64, "model input in px (production: 224; 64 is the trainer's minimum)"),
     "epochs": (8, "training epochs (production: 20)"),
     "processes": (2, "training processes under torchrun (the cluster's workers x GPUs)"),
     "tune_trials": (2, "optuna trials (production: 12 Katib trials)"),
