@@ -375,3 +375,19 @@ class K8sDouble:
                 self.deleted.append(key)
                 return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}, json_t
         return 404, self._status(404, "NotFound", f"the test double does not implement {method} /{'/'.join(parts)}"), json_t
+
+
+def serve_engine(tmp_path, monkeypatch, namespace: str):
+    """Start a double and point the Kubernetes engine at it through a kubeconfig, as
+    ``bincounter k8s`` and a pipeline step outside the cluster would find it; fast polling.
+    A generator for a pytest fixture: ``yield from kd.serve_engine(tmp_path, monkeypatch, NS)``."""
+    from bincounter.engines import kubernetes as engine
+
+    d = K8sDouble().start()
+    monkeypatch.setenv("KUBECONFIG", d.write_kubeconfig(tmp_path / "kubeconfig", namespace))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})
+    try:
+        yield d
+    finally:
+        d.stop()

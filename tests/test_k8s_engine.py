@@ -17,12 +17,7 @@ RUN = "3f2a9c1e-77aa-4bde-9a31-0c5e2f1d9b10"
 
 @pytest.fixture
 def double(tmp_path, monkeypatch):
-    d = kd.K8sDouble().start()
-    monkeypatch.setenv("KUBECONFIG", d.write_kubeconfig(tmp_path / "kubeconfig", NS))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})
-    yield d
-    d.stop()
+    yield from kd.serve_engine(tmp_path, monkeypatch, NS)
 
 
 def test_train_on_spot_gpus_labels_the_run_and_reads_the_final_metrics(double, tmp_path):

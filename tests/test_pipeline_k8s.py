@@ -29,12 +29,7 @@ RUN = "5d0c1f7a-0b1e-4c55-9d2e-6f3a1b2c3d4e"
 
 @pytest.fixture
 def double(tmp_path, monkeypatch):
-    d = kd.K8sDouble().start()
-    monkeypatch.setenv("KUBECONFIG", d.write_kubeconfig(tmp_path / "kubeconfig", NS))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(k8s_engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})
-    yield d
-    d.stop()
+    yield from kd.serve_engine(tmp_path, monkeypatch, NS)
 
 
 def _shards(work: Path) -> dsl.Dataset:
