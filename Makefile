@@ -80,7 +80,11 @@ endif
 push: images $(addprefix push-,$(IMAGE_ROLES))
 
 push-%: image-%
+ifeq ($(BUILDER),buildah)
+	bash images/buildah.sh push $(call image_ref,$*)
+else
 	$(DOCKER) push $(call image_ref,$*)
+endif
 
 # The images `make images BUILDER=buildah` built, each running its real entrypoint (docs/images.md).
 image-smoke: venv image-names

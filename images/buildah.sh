@@ -3,6 +3,7 @@
 #
 #   images/buildah.sh base                       # the local base image, made once and cached
 #   images/buildah.sh build ROLE REF DOCKERFILE  # one image from its unchanged Dockerfile (makes the base first)
+#   images/buildah.sh push REF                   # push a built image to the registry its name says
 #
 # `make images BUILDER=buildah` calls `build` for each role with the names bincounter/images.py gives.
 # Needs root, buildah and debootstrap (Debian: `apt-get install buildah debootstrap`).
@@ -20,6 +21,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # allowed (some containers), BUILDAH_STORAGE_DRIVER=vfs works, but it copies every layer in full
 # (the trainer then needs tens of GB). image-smoke.sh uses the same variable.
 STORAGE_DRIVER=${BUILDAH_STORAGE_DRIVER:-overlay}
+# The base: made here from debootstrap (localhost/...), or pulled when a registry can be reached.
 BASE=${BUILDAH_BASE:-localhost/bincounter-base:bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # The Debian packages python:3.11-slim-bookworm has and the Dockerfiles use, on top of minbase:
@@ -48,6 +50,10 @@ base() {
         echo "base image $BASE exists (cached; 'buildah --storage-driver $STORAGE_DRIVER rmi $BASE' remakes it)"
         return
     fi
+    case $BASE in
+        localhost/*) ;;  # made here, below
+        *) buildah_ pull "$BASE"; return ;;  # e.g. BUILDAH_BASE=docker.io/library/python:3.11.14-slim-bookworm
+    esac
     need debootstrap
     [ "$(id -u)" = 0 ] || die "debootstrap needs root"
     local tmp
@@ -113,10 +119,17 @@ build() {
     # build cache; the RUN --mount cache (uv's) lives outside the layers, as with BuildKit.
     (cd "$ROOT" && buildah_ bud --isolation chroot --layers --pull=never "${args[@]}" \
         --file "$dockerfile" --tag "$ref" .)
+    # The deps stage's layers hold a second copy of the virtual environment (GBs for torch); the final
+    # image has its own. Drop the untagged stage images unless the build cache is wanted.
+    if [ "${BUILDAH_KEEP_CACHE:-0}" != 1 ]; then
+        buildah_ rmi --prune >/dev/null || true
+    fi
+    buildah_ images "$ref"
 }
 
 case ${1:-} in
     base) base ;;
     build) [ $# -eq 4 ] || die "usage: $0 build ROLE REF DOCKERFILE"; build "$2" "$3" "$4" ;;
-    *) die "usage: $0 base | build ROLE REF DOCKERFILE" ;;
+    push) [ $# -eq 2 ] || die "usage: $0 push REF"; buildah_ push "$2" "docker://$2" ;;
+    *) die "usage: $0 base | build ROLE REF DOCKERFILE | push REF" ;;
 esac

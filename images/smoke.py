@@ -154,10 +154,18 @@ def listening_uid(port: int) -> int | None:
 
 
 @contextlib.contextmanager
-def read_only_root(ctr: str):
+def read_only_root(ctr: str, mountpoints: list[str]):
     """Emulate Kubernetes' readOnlyRootFilesystem: the container's root becomes a read-only bind mount
-    (buildah run has no flag for it); mounts given to `buildah run` (/tmp, the model) stay writable as given."""
-    root = buildah("mount", ctr).stdout.strip()
+    (buildah run has no flag for it); mounts given to `buildah run` (/tmp, the model) stay as given.
+
+    The mountpoints (the volumes', and /run/.containerenv that buildah binds in) are made first, as the
+    kubelet does. buildah 1.28 then crashes in its cleanup after each run (it cannot remove
+    /run/.containerenv from a read-only root, and its error path dereferences a nil logger), so the exit
+    status of these runs is buildah's, not the command's: the checks below look at what the command did."""
+    root = Path(buildah("mount", ctr).stdout.strip())
+    for path in mountpoints:
+        (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / "run" / ".containerenv").touch()
     subprocess.run(["mount", "--bind", root, root], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", root], check=True)
@@ -191,7 +199,7 @@ def smoke_server(ref: str, model_dir: Path, work: Path) -> None:
     jpeg = photo.read_bytes()
     expected = Counter(*load_model_dir(model_dir)).predict([jpeg])[0]  # the library, in this process
     log = (work / "server.log").open("w")
-    with container(ref) as ctr, read_only_root(ctr):
+    with container(ref) as ctr, read_only_root(ctr, ["/mnt/models"]):
         r = run_in(ctr, ["sh", "-c", "touch /home/bincounter/probe"])
         record("server", "root filesystem is read-only", ok=r.returncode != 0 and "Read-only" in r.stderr,
                detail=r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "touch succeeded")
