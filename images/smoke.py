@@ -259,13 +259,12 @@ def smoke_server(ref: str, model_dir: Path, work: Path) -> None:
 # Runs inside the pipeline image: imports every module the program imports, function bodies included
 # (a KFP component's imports are all in its body, so loading the program alone would not run them).
 IMPORT_ALL = """
-import ast, importlib, sys
+import ast, sys
 tree = ast.parse(open(sys.argv[1]).read())
-names = sorted({a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-               | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level})
-for name in names:
-    importlib.import_module(name)
-print(len(names), "modules:", " ".join(names))
+statements = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and not getattr(n, "level", 0)]
+for n in statements:  # each import statement as written, wherever it is (module level or a function body)
+    exec(compile(ast.Module([n], []), sys.argv[1], "exec"), {})
+print(len(statements), "import statements:", "; ".join(sorted({ast.unparse(n) for n in statements}))[:400])
 """
 
 
@@ -312,8 +311,9 @@ def smoke_pipeline(ref: str, work: Path) -> None:
                 # No parameters given: kfp loads the program, finds the function and calls it, which fails
                 # on the first missing required argument (and on nothing before it).
                 loaded = r.returncode != 0 and f"TypeError: {function}() missing" in out
+                error = next((ln.strip() for ln in out.splitlines() if ln.startswith("TypeError")), "")
                 record("pipeline", f"{function}: KFP command loads and calls the component (no inputs given)",
-                       r, ok=loaded, detail=out.strip().splitlines()[-1][:120] if out.strip() else "")
+                       r, ok=loaded, detail=error[:120])
             program = programs / f"{function}.py"
             program.write_text(c["command"][-1])  # sh -ec SCRIPT PROGRAM: the script writes $0
             r = run_in(ctr, ["python3", "-c", IMPORT_ALL, f"/programs/{program.name}"],
