@@ -63,6 +63,8 @@ def layer_sizes(ref: str) -> list[tuple[int, str]]:
     out = []
     for i, digest in enumerate(diff_ids):
         created = history[i].get("created_by", "") if i < len(history) else ""
+        if i == 0 and created in ("", "/bin/sh"):  # images/buildah.sh's base (buildah add of a rootfs)
+            created = "the base image"
         out.append((by_digest.get(digest, 0), created))
     return out
 
@@ -79,12 +81,13 @@ def contents(ref: str) -> tuple[dict[str, int], dict[str, list[str]]]:
             group = next((g for g, rx in GROUPS.items() if rx.match(entry.name)), "other Python packages")
             sizes[group] += du(entry) if entry.is_dir() else entry.stat().st_size
         sizes["base and the rest"] = du(root) - sum(sizes.values())
-        where = collections.defaultdict(list)
+        where: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.Counter())
         for dirpath, _, files in os.walk(root):
             for f in files:
-                if CUDA_LIB.match(f) and not os.path.islink(os.path.join(dirpath, f)):
-                    where[f.split(".so")[0]].append(os.path.relpath(dirpath, root))
-        twice = {lib: dirs for lib, dirs in where.items() if len(dirs) > 1}
+                path = os.path.join(dirpath, f)
+                if CUDA_LIB.match(f) and not os.path.islink(path):
+                    where[f.split(".so")[0]][os.path.relpath(dirpath, f"{root}/{SITE}")] += os.path.getsize(path)
+        twice = {lib: {d: mb(n) + " MB" for d, n in dirs.items()} for lib, dirs in where.items() if len(dirs) > 1}
         return dict(sizes), twice
     finally:
         buildah("umount", ctr)
@@ -117,7 +120,7 @@ def main(argv: list[str]) -> int:
         for group, size in sorted(groups.items(), key=lambda kv: -kv[1]):
             share = f"{100 * size / files_total:.1f} %"
             print(f"| {group} | {mb(size)} | {share} |" if markdown else f"  {group:24} {mb(size):>7} MB  {share}")
-        print(f"\nCUDA libraries present more than once: {twice or 'none'}")
+        print(f"\nCUDA libraries in more than one folder (under site-packages): {twice or 'none'}")
     return 0
 
 
