@@ -58,7 +58,8 @@ base() {
     [ "$(id -u)" = 0 ] || die "debootstrap needs root"
     local tmp
     tmp=$(mktemp -d /var/tmp/bincounter-base.XXXXXX)
-    trap 'rm -rf "$tmp"' RETURN
+    # Removed when base returns; the trap then unsets itself (a RETURN trap would fire for every later function).
+    trap 'rm -rf "$tmp"; trap - RETURN' RETURN
     echo "debootstrap: bookworm minbase + $BASE_PACKAGES"
     debootstrap --variant=minbase --include="$BASE_PACKAGES" bookworm "$tmp/rootfs" "$MIRROR" >"$tmp/debootstrap.log" 2>&1 \
         || { tail -20 "$tmp/debootstrap.log"; die "debootstrap failed (log above)"; }
@@ -131,7 +132,10 @@ build() {
     # The deps stage's layers hold a second copy of the virtual environment (GBs for torch); the final
     # image has its own. Drop the untagged stage images unless the build cache is wanted.
     if [ "${BUILDAH_KEEP_CACHE:-0}" != 1 ]; then
-        buildah_ rmi --prune >/dev/null || true
+        # One pass removes only the images without children; the stage images form a chain.
+        for _ in 1 2 3 4 5; do
+            [ -n "$(buildah_ rmi --prune 2>/dev/null)" ] || break
+        done
     fi
     buildah_ images "$ref"
 }
