@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import warnings
 
 import numpy as np
@@ -85,7 +86,7 @@ def open_image(data: bytes, *, formats: tuple[str, ...] = IMAGE_FORMATS, limits:
     try:
         if draft_size and image.format == "JPEG" and min(width, height) >= 2 * draft_size:
             scale = min(width, height) / draft_size
-            image.draft("RGB", (int(width / scale) + 1, int(height / scale) + 1))
+            image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
         image.load()  # decode now, so a truncated or corrupt file fails here and not in the transform
         return _to_rgb(ImageOps.exif_transpose(image))
     except ImageError:

@@ -293,6 +293,13 @@ class BinCounterModel(kserve.Model):
                              requested_outputs=request.request_outputs)
 
 
+class RepositoryDisabled(NotImplementedError):
+    def __init__(self):
+        # KServe's gRPC interceptor answers UNIMPLEMENTED with the exception's .reason.
+        self.reason = "the model repository extension is disabled on this server"
+        super().__init__(self.reason)
+
+
 class _DisabledRepository:
     """Stands in for KServe's model repository extension: load and unload are not served.
 
@@ -301,10 +308,10 @@ class _DisabledRepository:
     """
 
     async def load(self, model_name: str):
-        raise NotImplementedError("the model repository extension is disabled on this server")
+        raise RepositoryDisabled()
 
     async def unload(self, model_name: str):
-        raise NotImplementedError("the model repository extension is disabled on this server")
+        raise RepositoryDisabled()
 
 
 class _ClientErrorsOnOneLine(logging.Filter):
@@ -334,7 +341,8 @@ async def _validation_error_to_400(_, exc: RequestValidationError) -> JSONRespon
     """Malformed JSON or a body that is not an inference request: 400 ``{"error": ...}``, not FastAPI's 422."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    # loc is e.g. ("body", "InferenceRequest", "inputs", 0): keep the path inside the request.
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not str(x)[:1].isupper())
     reason = f"invalid request body{' at ' + where if where else ''}: {first.get('msg', 'not valid')}"
     if len(errors) > 1:
         reason += f" (and {len(errors) - 1} more errors)"
@@ -376,6 +384,13 @@ def _cgroup_v1_quota() -> float | None:
     with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as g:
         quota, period = int(f.read()), int(g.read())
     return None if quota <= 0 else quota / period
+
+
+def readiness(model: BinCounterModel):
+    """The server's readiness check (REST and gRPC): the model's. KServe's says True while the process runs."""
+    async def ready() -> bool:
+        return bool(model.ready)
+    return ready
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -455,10 +470,7 @@ def main(args: argparse.Namespace) -> int:
         timeout_keep_alive=args.timeout_keep_alive, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     server.model_repository_extension = _DisabledRepository()
 
-    async def ready() -> bool:  # KServe's answers True even after the model went away (REST and gRPC)
-        return model.ready
-
-    server.dataplane.ready = ready
+    server.dataplane.ready = readiness(model)
     # PIL's own bomb guard (a process-wide setting) follows our limit too.
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     app = kserve.model_server.app
