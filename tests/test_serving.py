@@ -429,6 +429,10 @@ def test_serve_flags_map_onto_kserve():
     assert (args.model, args.model_name, args.http_port, args.enable_grpc) == ("/m", "x", 9000, False)
     defaults = serving_server.get_args_parser().parse_args([])
     assert (defaults.model, defaults.model_name, defaults.http_port) == ("/mnt/models", "bincounter", 8080)
+    assert (defaults.runtime, defaults.batching_max_size) == ("onnx", 0)
+    # Several KServe workers would run without this server's request guards: refused.
+    workers = serving_server.get_args_parser().parse_args(["--workers", "2", "--configure_logging", "false"])
+    assert serving_server.main(workers) == 2
 
 
 # ---------------------------------------------------------------- client

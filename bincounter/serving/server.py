@@ -447,6 +447,12 @@ def build_model(args: argparse.Namespace) -> BinCounterModel:
 def main(args: argparse.Namespace) -> int:
     if args.configure_logging:  # before load(), so its log lines show (ModelServer would do it later)
         kserve.logging.configure_logging(args.log_config_file)
+    if args.workers != 1:
+        # KServe runs several workers by re-importing its app in each process, without the
+        # middleware and handlers added below (body limit, no repository extension, ...).
+        print(f"error: --workers {args.workers}: this server runs one worker process (its request guards live in "
+              f"it); scale with replicas, and use --torch-threads for the CPUs of one", file=sys.stderr)
+        return 2
     logger.addFilter(_ClientErrorsOnOneLine())
     # Threads first: ONNX Runtime sizes its pool when the session is created in load().
     if args.torch_threads > 0:
