@@ -195,7 +195,12 @@ def main(args: argparse.Namespace) -> int:
         finally:
             for proc in procs:
                 proc.terminate()
-                proc.wait(timeout=30)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # KServe's graceful shutdown on a loaded machine
+                    proc.kill()
+                    proc.wait()
     print(f"one {image_path.name} ({len(image)} bytes) per V1 request; {args.rounds} interleaved rounds; "
           f"load average after: {os.getloadavg()[0]:.1f}; ratios against `{args.servers[0]}` at the same "
           f"concurrency\n")

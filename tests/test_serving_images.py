@@ -223,8 +223,8 @@ BINARY_CRASHERS = {  # each gave a 500 before (issue 11)
 @pytest.mark.parametrize("case", list(BINARY_CRASHERS))
 def test_malformed_binary_headers_are_value_errors(case):
     header = json.dumps(BINARY_CRASHERS[case]).encode()
-    with pytest.raises(ValueError):
-        to_json_request(header + b"\x00" * 8, len(header))
+    with pytest.raises(ValueError, match="inputs"):
+        to_json_request(header, len(header))
 
 
 def test_binary_parser_round_trip():
