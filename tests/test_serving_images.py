@@ -288,3 +288,28 @@ def test_batcher_gathers_concurrent_requests_and_splits_the_answers(tiny_model, 
         torch.testing.assert_close(probs, counter.forward(x), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(forward, pool, max_batch=1, max_wait_s=0.01)
+
+
+# ---------------------------------------------------------------- the model's version
+
+
+def test_model_folder_records_the_training_run_as_its_version(tiny_model, tmp_path, monkeypatch):
+    from bincounter.model import CONFIG_FILE, load_config, save_model_dir
+    from bincounter.serving.server import UNVERSIONED, BinCounterModel
+
+    model, cfg = tiny_model
+    unversioned = ModelConfig(**{**cfg.__dict__, "version": ""})
+    monkeypatch.setenv("BINCOUNTER_RUN_ID", "run-42")
+    save_model_dir(model, unversioned, str(tmp_path / "a"))
+    assert load_config(str(tmp_path / "a")).version == "run-42"
+    monkeypatch.delenv("BINCOUNTER_RUN_ID")
+    save_model_dir(model, unversioned, str(tmp_path / "b"))
+    save_model_dir(model, unversioned, str(tmp_path / "c"))
+    generated = [load_config(str(tmp_path / d)).version for d in "bc"]
+    assert all(len(v) > 10 for v in generated) and generated[0] != generated[1]
+    # A folder from before the field existed still loads, and serves as version "1".
+    old = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    del old["version"]
+    (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(old))
+    served = BinCounterModel("bincounter", str(tmp_path / "a"), runtime="eager")
+    assert served.load() and served.version == UNVERSIONED == "1"
