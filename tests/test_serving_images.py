@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bincounter.data.split import resize_jpeg
-from bincounter.imaging import ImageError, ImageLimits, open_image
+from bincounter.imaging import ImageError, ImageLimits
 from bincounter.model import ModelConfig, build_model
 from bincounter.serving.batching import Batcher
 from bincounter.serving.binary_v2 import split_bytes, to_json_request

@@ -14,22 +14,17 @@ forward pass per call, on one of three runtimes:
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
-                                DEFAULT_MAX_JPEG_SCANS, IMAGE_FORMATS, ImageError, ImageLimits, open_image)
+from bincounter.imaging import ImageError, ImageLimits, open_image
 from bincounter.model import ModelConfig
 from bincounter.presets import eval_transform
 
 RUNTIMES = ("eager", "torchscript", "onnx")
-__all__ = ["Counter", "ImageError", "ImageLimits", "Prediction", "RUNTIMES", "decode_image", "IMAGE_FORMATS",
-           "DEFAULT_MAX_ASPECT_RATIO", "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_JPEG_SCANS"]
 
 
 @dataclasses.dataclass
