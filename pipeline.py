@@ -22,12 +22,13 @@ from kfp import compiler, dsl, kubernetes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `components` next to this file
 
 from bincounter import images, storage  # noqa: E402
+from bincounter.k8s import objects  # noqa: E402
 from components import cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
 
 PIPELINE_FILE = Path(__file__).resolve().parent / "pipeline.yaml"
 # The S3 Secret's keys, as bincounter.k8s.objects.s3_secret writes them: the credentials are
 # required; endpoint and region (storage.S3_SETTINGS) are optional (AWS S3 needs neither).
-S3_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_REQUIRED_KEYS = objects.S3_KEYS
 S3_SETTINGS_DIR = "/etc/bincounter/s3"
 
 

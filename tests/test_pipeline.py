@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 import components  # noqa: E402
 import pipeline  # noqa: E402
 from bincounter import images, storage  # noqa: E402
+from bincounter.k8s import objects  # noqa: E402
 
 STAGES = ("download", "split", "tune", "train", "evaluate", "deploy")
 
@@ -152,6 +153,7 @@ def test_nothing_that_kfp_backend_2_5_0_cannot_run(docs):
       ``optional: true`` is dropped and a key missing from the Secret stops the pod.
     """
     spec, platform = docs
+    assert set(storage.S3_SETTINGS) == set(objects.S3_OPTIONAL_KEYS)  # what the steps read = the Secret's optional keys
     final_status = [k for k, v in _walk(spec) if k == "taskFinalStatus" or v == "TASK_FINAL_STATUS"]
     assert not final_status, "a taskFinalStatus input: KFP backend 2.5.0 cannot compile the pipeline"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
