@@ -345,11 +345,6 @@ class K8sDouble:
         self.requests: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, str, str]] = []
         self.rejected: list[list[str]] = []
-        # Plurals whose operator is not installed. Inside Kubeflow nothing then grants a profile's
-        # ServiceAccount that resource (the rights come from the operator's ClusterRole labelled
-        # rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit), and the API server's
-        # authorizer answers 403 Forbidden before any lookup could answer 404.
-        self.not_installed: set[str] = set()
         self._rv = itertools.count(1)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -600,11 +595,6 @@ class K8sDouble:
         if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
             name = parts[6] if len(parts) == 7 else None
-            if plural in self.not_installed:
-                verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "DELETE": "delete"}[method]
-                return 403, self._status(403, "Forbidden", (
-                    f'{plural}.{group} is forbidden: User "system:serviceaccount:{ns}:default-editor" cannot '
-                    f'{verb} resource "{plural}" in API group "{group}" in the namespace "{ns}"')), json_t
             key = (plural, ns, name)
             if method == "GET" and name is None:
                 items = [o for (p, n, _), o in self.objects.items() if p == plural and n == ns

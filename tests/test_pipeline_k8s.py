@@ -110,14 +110,29 @@ def test_deploy_and_cleanup_components(double, tmp_path):
     assert ("inferenceservices", NS, "bincounter") in double.objects
 
 
-def _leftovers(double):
-    """What a run leaves in its namespace: its Experiment, a training job, and the serving model."""
+@pytest.fixture(params=["1.10.2", "1.11.0"])
+def release_double(request, tmp_path, monkeypatch):
+    """The API double as a Kubeflow release profile: only the kinds that release installs are
+    served; the others answer 403 (tests/k8s_releases.py)."""
+    yield from kd.serve_engine(tmp_path, monkeypatch, NS, release=request.param)
+
+
+def _leftovers(double) -> str:
+    """What a run leaves in its namespace: its Experiment, a training job of the kind the release
+    installs (PyTorchJob on 1.10.2, TrainJob on 1.11.0) and the serving model. Returns that kind."""
     double.put_object(o.experiment("tune-x", NS, data_uri="s3://b/d", trials_uri="s3://b/t",
                                    labels={o.RUN_LABEL: RUN}), "experiments")
-    double.put_object(o.pytorchjob("train-x", NS, data_uri="s3://b/d", model_uri="s3://b/m",
-                                   labels={o.RUN_LABEL: RUN}), "pytorchjobs")
+    if "PyTorchJob" in double.release.kinds:
+        double.put_object(o.pytorchjob("train-x", NS, data_uri="s3://b/d", model_uri="s3://b/m",
+                                       labels={o.RUN_LABEL: RUN}), "pytorchjobs")
+        kind = "pytorchjobs"
+    else:
+        double.put_object(o.trainjob("train-x", NS, data_uri="s3://b/d", model_uri="s3://b/m",
+                                     labels={o.RUN_LABEL: RUN}), "trainjobs")
+        kind = "trainjobs"
     double.put_object(o.inference_service("bincounter", NS, storage_uri="s3://b/m", labels={o.RUN_LABEL: RUN}),
                       "inferenceservices")
+    return kind
 
 
 # (markers the steps left, deploy_model) -> the run's outcome as the exit handler must read it.
@@ -130,49 +145,43 @@ OUTCOMES = {
 
 
 @pytest.mark.parametrize("outcome", OUTCOMES)
-def test_the_exit_handler_cleans_up_only_a_run_that_did_not_succeed(double, tmp_path, outcome, capsys):
+def test_the_exit_handler_cleans_up_only_a_run_that_did_not_succeed(release_double, tmp_path, outcome, capsys):
+    double = release_double
     markers, deploy_model = OUTCOMES[outcome]
     for step in markers:
         runs.mark_succeeded(str(tmp_path), RUN, step)
-    _leftovers(double)
+    job_kind = _leftovers(double)
 
     components.cleanup.python_func(engine="kubernetes", work_uri=str(tmp_path), run_id=RUN,
                                    deploy_model=deploy_model)
 
     left = {key[0] for key in double.objects}
     if outcome.startswith("succeeded"):
-        # A successful run keeps its Experiment (the trials' record) and its finished jobs (TTL cleans up).
-        assert left == {"experiments", "pytorchjobs", "inferenceservices"}
+        # A successful run keeps its Experiment (the trials' record) and its finished job (TTL cleans up).
+        assert left == {"experiments", job_kind, "inferenceservices"}
         assert "nothing to clean up" in capsys.readouterr().out
     else:
         assert left == {"inferenceservices"}  # the model that serves is never torn down here
         # Experiments first: Katib would replace trial jobs deleted under a live Experiment.
-        assert [key[0] for key in double.deleted] == ["experiments", "pytorchjobs"]
+        assert [key[0] for key in double.deleted] == ["experiments", job_kind]
 
 
-def test_an_unreadable_working_store_counts_as_not_succeeded(double, tmp_path, capsys, monkeypatch):
-    _leftovers(double)
+def test_cleanup_skips_the_kind_the_release_does_not_install(release_double, tmp_path, capsys):
+    # 1.11.0 installs Trainer v2 and leaves the Training Operator out (example/kustomization.yaml);
+    # 1.10.2 has no Trainer v2. Listing the missing kind is a 403 for the profile's ServiceAccount.
+    job_kind = _leftovers(release_double)
+    missing = {"pytorchjobs": "TrainJob", "trainjobs": "PyTorchJob"}[job_kind]
+
+    components.cleanup.python_func(engine="kubernetes", work_uri=str(tmp_path), run_id=RUN, deploy_model=False)
+
+    assert [key[0] for key in release_double.deleted] == ["experiments", job_kind]
+    assert f"skipped {missing}: not permitted in {NS}" in capsys.readouterr().out
+
+
+def test_an_unreadable_working_store_counts_as_not_succeeded(release_double, tmp_path, capsys, monkeypatch):
+    _leftovers(release_double)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "")  # the component sets it: restore it after the test
     components.cleanup.python_func(engine="kubernetes", work_uri="s3://no-such-bucket-here", run_id=RUN,
                                    deploy_model=False, s3_endpoint_url="http://127.0.0.1:9")
     assert "cannot read its success markers" in capsys.readouterr().out
-    assert {key[0] for key in double.objects} == {"inferenceservices"}
-
-
-@pytest.mark.parametrize("absent", ["pytorchjobs", "trainjobs"])
-def test_cleanup_skips_a_kind_whose_operator_is_not_installed(double, tmp_path, absent):
-    # 1.11.0 installs Trainer v2 and leaves the Training Operator out (example/kustomization.yaml);
-    # 1.10.2 has no Trainer v2. Listing the missing kind is a 403 for the profile's ServiceAccount.
-    double.not_installed.add(absent)
-    _leftovers(double)
-    double.put_object(o.trainjob("train-y", NS, data_uri="s3://b/d", model_uri="s3://b/m",
-                                 labels={o.RUN_LABEL: RUN}), "trainjobs")
-    if absent == "pytorchjobs":
-        del double.objects[("pytorchjobs", NS, "train-x")]
-    else:
-        del double.objects[("trainjobs", NS, "train-y")]
-
-    components.cleanup.python_func(engine="kubernetes", work_uri=str(tmp_path), run_id=RUN, deploy_model=False)
-
-    assert {key[0] for key in double.objects} == {"inferenceservices"}
-    assert double.deleted[0][0] == "experiments"
+    assert {key[0] for key in release_double.objects} == {"inferenceservices"}
