@@ -185,3 +185,9 @@ def test_an_unreadable_working_store_counts_as_not_succeeded(release_double, tmp
                                    deploy_model=False, s3_endpoint_url="http://127.0.0.1:9")
     assert "cannot read its success markers" in capsys.readouterr().out
     assert {key[0] for key in release_double.objects} == {"inferenceservices"}
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../other-run", "a/b"])
+def test_a_run_id_cannot_point_a_marker_outside_its_run_folder(tmp_path, bad):
+    with pytest.raises(ValueError, match="Invalid run id"):
+        runs.mark_succeeded(str(tmp_path), bad, "evaluate")
