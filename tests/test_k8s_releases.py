@@ -279,6 +279,21 @@ def test_check_passes_on_a_ready_profile(double, release):
     assert rows["Knative features"].ok is True
 
 
+def test_check_reads_katib_trial_resources_when_it_may(double, release):
+    """katib-config as the release installs it (tests/schemas/releases/<release>/katib-config.yaml)."""
+    text = k8s_schemas.release_file(release, "katib-config.yaml").read_text()
+    double.seed({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "katib-config", "namespace": "kubeflow"},
+                 "data": {"katib-config.yaml": text}})
+    assert _rows(double)["Katib trial kind"].ok is None  # a profile user cannot read it
+    double.rbac_rules.append({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]})
+    row = _rows(double)["Katib trial kind"]
+    assert row.ok is True and ("TrainJob.v1alpha1" if release == "1.11.0" else "PyTorchJob.v1") in row.detail
+    # 1.10.2's Katib v0.18 cannot run TrainJob trials
+    if release == "1.10.2":
+        cluster = launchers.Cluster(double.api_client())
+        assert check._katib_trial_row(cluster, "TrainJob").ok is False
+
+
 def test_check_reports_what_would_break_a_run_with_the_fix(double, release):
     del double.objects[("secrets", NS, o.S3_SECRET)]
     double.rbac_rules[0] = {**double.rbac_rules[0], "verbs": ["create", "get", "list"]}  # no delete

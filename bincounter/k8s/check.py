@@ -10,7 +10,8 @@ the caller's own identity:
 
 - the training APIs and versions installed (API discovery; for TrainJob, which Trainer API:
   podTemplateOverrides = Trainer v2.1, runtimePatches = Trainer >= 2.2);
-- Katib and KServe installed, and KServe's default deployment mode;
+- Katib and KServe installed, the trial kind in Katib's trialResources, KServe's default
+  deployment mode;
 - Katib's metrics-collector injection label on the namespace;
 - the S3 Secret and its keys; the ServiceAccounts (and that the workload one lists the Secret);
 - every verb the launchers use, with SelfSubjectAccessReview;
@@ -29,6 +30,9 @@ from bincounter.k8s import objects as o
 # applications/kserve/kserve/kserve.yaml, common/knative/knative-serving).
 KSERVE_CONFIG = ("kubeflow", "inferenceservice-config")
 KNATIVE_FEATURES = ("knative-serving", "config-features")
+# Katib's configuration: the ConfigMap its kustomize installs generate from katib-config.yaml
+# (applications/katib/upstream/installs/*); init.controller.trialResources lists the trial kinds.
+KATIB_CONFIG = ("kubeflow", "katib-config", "katib-config.yaml")
 TRAINING_CHOICES = ("auto", "PyTorchJob", "TrainJob")
 
 
@@ -104,6 +108,25 @@ def _configmap(cluster, namespace: str, name: str) -> tuple[dict | None, str]:
         return cluster.core.read_namespaced_config_map(name, namespace).data or {}, ""
     except ApiException as e:
         return None, f"cannot read {namespace}/{name}: {_forbidden_or_missing(e)}"
+
+
+def _katib_trial_row(cluster, trial_kind: str | None) -> Row | None:
+    if trial_kind is None:
+        return None
+    g, v, _ = o.CUSTOM_KINDS[trial_kind]
+    gvk = f"{trial_kind}.{v}.{g}"
+    data, why = _configmap(cluster, *KATIB_CONFIG[:2])
+    if data is None:
+        return Row("Katib trial kind", None, f"trials run as {gvk}; {why} (Katib v0.19 in Kubeflow 1.11.0 lists "
+                   "TrainJob, v0.18 in 1.10.2 does not)")
+    import yaml
+
+    resources = ((((yaml.safe_load(data.get(KATIB_CONFIG[2]) or "") or {}).get("init") or {})
+                  .get("controller") or {}).get("trialResources") or [])
+    ok = gvk in resources
+    return Row("Katib trial kind", ok, f"trials run as {gvk}; katib-config trialResources: {', '.join(resources)}",
+               "" if ok else f"add {gvk} to trialResources in {KATIB_CONFIG[0]}/{KATIB_CONFIG[1]} "
+                             "and restart katib-controller")
 
 
 def _kserve_mode_row(cluster, wanted: str) -> tuple[Row, str]:
@@ -264,6 +287,9 @@ def run_checks(namespace: str, *, api_client=None, s3_secret: str = o.S3_SECRET,
     if tune:
         rows.append(_installed_row(cluster, "Katib", "Experiment",
                                    "install Katib (applications/katib of kubeflow/manifests), or run with tune_trials=0"))
+        trial_row = _katib_trial_row(cluster, kind) if rows[-1].ok else None
+        if trial_row:
+            rows.append(trial_row)
     if deploy:
         rows.append(_installed_row(cluster, "KServe", "InferenceService",
                                    "install KServe (applications/kserve), or run with deploy_model=false"))
