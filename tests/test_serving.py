@@ -321,13 +321,16 @@ def test_bad_input_gets_4xx_then_service_continues(http, case):
     assert good.status_code == 200, good.text
 
 
-def smooth_jpeg(width: int, height: int, seed: int) -> bytes:
-    """A large but small-file JPEG (a gradient): costly to decode, quick to upload."""
+def smooth_png(width: int, height: int, seed: int) -> bytes:
+    """A large but small-file PNG (a gradient): costly to decode, quick to upload.
+
+    PNG, not JPEG: the server decodes a large JPEG in draft mode, which would make it cheap.
+    """
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
     rgb = ((x + y + seed * 10) % 256).astype(np.uint8).repeat(3, axis=2)
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=85)
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -338,7 +341,7 @@ def test_health_answers_during_a_forward_pass(http, server, model_dir):
     """
     from bincounter.serving.inference import Counter
 
-    images = [smooth_jpeg(2000, 2000, seed=s) for s in range(MAX_BATCH)]
+    images = [smooth_png(2000, 2000, seed=s) for s in range(MAX_BATCH)]
     counter = Counter(*load_model_dir(model_dir))
     t = time.perf_counter()
     counter.preprocess(images)
