@@ -18,11 +18,13 @@ def deploy(
     smoke_images: int = 4,
     min_replicas: int = 1,
     max_replicas: int = 3,
+    canary_percent: int = 0,
     namespace: str = "",
     image_tag: str = "",
     deadline_minutes: int = 30,
     s3_endpoint_url: str = "",
     s3_secret: str = "bincounter-s3",
+    work_uri: str = "",
 ) -> NamedTuple("Outputs", [("endpoint", str), ("handle", str), ("predictions", list)]):
     """Serve the model and check it answers: a prediction for ``smoke_images`` test images.
 
@@ -41,11 +43,15 @@ def deploy(
         smoke_images: Test images to send once the endpoint is ready (0: no check).
         min_replicas: Fewest predictor replicas (kubernetes).
         max_replicas: Most predictor replicas (kubernetes).
+        canary_percent: 1..99: roll the model out as a canary taking that share of the traffic, the
+            current model keeping the rest, until ``bincounter k8s promote`` or ``rollback``
+            (kubernetes); 0 replaces the model. The local engine always replaces.
         namespace: Namespace of the InferenceService; empty: the namespace this step runs in.
         image_tag: Tag of the server image; empty: the tag this pipeline was compiled with.
         deadline_minutes: Give up after this long waiting for readiness.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         s3_secret: Secret with the S3 credentials, for KServe's storage initializer.
+        work_uri: Working store prefix, for the run's success marker (empty: no marker).
 
     Returns:
         endpoint: Base URL of the model server.
@@ -58,7 +64,7 @@ def deploy(
     import os
     from collections import namedtuple
 
-    from bincounter import engines
+    from bincounter import engines, runs
     from bincounter.data import shards as shards_lib
     from bincounter.serving import client
 
@@ -68,6 +74,8 @@ def deploy(
     if engine == "local":
         from bincounter.engines import local
 
+        if canary_percent:
+            print(f"canary_percent={canary_percent} applies to the kubernetes engine; the local server is replaced")
         deployment = local.start_server(model.path, model_name=model_name, run_id=run_id,
                                         ready_timeout_s=deadline_minutes * 60)
     else:
@@ -76,7 +84,7 @@ def deploy(
         deployment = kubernetes.deploy(model.metadata["uri"], model_name=model_name, run_id=run_id,
                                        namespace=namespace, image_tag=image_tag, min_replicas=min_replicas,
                                        max_replicas=max_replicas, s3_secret=s3_secret,
-                                       deadline_s=deadline_minutes * 60)
+                                       deadline_s=deadline_minutes * 60, canary_percent=canary_percent)
     print(f"serving {model_name} at {deployment.url}")
     predictions = []
     if smoke_images > 0:
@@ -98,4 +106,6 @@ def deploy(
             predictions.append({"id": s.id, "true_count": s.count, "count": r.count,
                                 "confidence": round(r.confidence, 4)})
             print(f"bin {s.id}: predicted {r.count} (confidence {r.confidence:.2f}), true {s.count}")
+    if work_uri:  # last: the exit handler reads it as "deploy finished" (bincounter/runs.py)
+        runs.mark_succeeded(work_uri, run_id, "deploy", endpoint=deployment.url)
     return namedtuple("Outputs", ["endpoint", "handle", "predictions"])(deployment.url, deployment.handle, predictions)
