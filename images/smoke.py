@@ -246,7 +246,11 @@ def smoke_server(ref: str, model_dir: Path, work: Path) -> None:
             record("server", f"SIGTERM to PID 1 ({name}) stops the server", ok=stopped and name == "tini",
                    detail=f"{time.monotonic() - start:.1f} s")
         finally:
-            if server.poll() is None:
+            if server.poll() is None:  # it did not stop: kill the server and tini too, not only buildah
+                pid = listening_pid(SERVER_PORT)
+                for victim in ([pid, int(proc_status(pid, "PPid"))] if pid else []):
+                    with contextlib.suppress(OSError):
+                        os.kill(victim, signal.SIGKILL)
                 server.kill()
                 server.wait()
             log.close()
