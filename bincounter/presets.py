@@ -24,6 +24,7 @@ from torchvision.transforms import v2 as T
 from bincounter import augment
 
 GPU_DECODE_CHOICES = ("auto", "off")
+INPUT_SIZE = 224  # the model input in px that training, the pipeline and split's short side default to
 
 
 def short_side_for(input_size: int, resize_size: int = 0) -> int:
