@@ -417,10 +417,20 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         meta_uri = lambda i: f"{store.source}/{abid.METADATA_DIR}/{i}.json"  # noqa: E731
         img_uri = lambda i: f"{store.source}/{abid.IMAGES_DIR}/{i}.jpg"  # noqa: E731
         staged = lambda sub, name: staging / sub / name  # noqa: E731
-        got = s5cmd.copy([(meta_uri(i), staged(abid.METADATA_DIR, f"{i}.json")) for i, _ in fresh], staging)
+        # Metadata and images in one s5cmd run when no count must be read before its image is
+        # fetched (no --max-count, or counts known from the selection file): one ramp-up per batch.
+        one_pass = max_count is None or all(k is not None for _, k in fresh)
+        got = s5cmd.copy([(meta_uri(i), staged(abid.METADATA_DIR, f"{i}.json")) for i, _ in fresh]
+                         + ([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, _ in fresh] if one_pass else []),
+                         staging)
+
+        def drop_image(id_: str) -> None:  # fetched in the one pass, not used
+            staged(abid.IMAGES_DIR, f"{id_}.jpg").unlink(missing_ok=True)
+
         kept = []
         for id_, known in fresh:
             if meta_uri(id_) not in got:
+                drop_image(id_)
                 rest.append((id_, known))  # missing or failing: one() tells which
                 continue
             meta = staged(abid.METADATA_DIR, f"{id_}.json").read_bytes()
@@ -428,18 +438,22 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             try:
                 rec = abid.parse_metadata(meta, id_)
             except abid.RecordError as e:
+                drop_image(id_)
                 outs.append(abid.Skipped(e.id, e.code, e.detail))
                 continue
             if max_count is not None and rec.count > max_count:
+                drop_image(id_)
                 outs.append("filtered")
                 continue
             with lock:
                 if limit is not None and reserved >= limit:
+                    drop_image(id_)
                     outs.append("over_limit")
                     continue
                 reserved += 1
             kept.append((id_, known, meta, rec))
-        got = s5cmd.copy([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, *_ in kept], staging)
+        if not one_pass:
+            got = s5cmd.copy([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, *_ in kept], staging)
         for id_, known, meta, rec in kept:
             tmp_img = staged(abid.IMAGES_DIR, f"{id_}.jpg")
             if img_uri(id_) not in got:
