@@ -222,6 +222,19 @@ def main() -> None:
                 assert len(list((dest / abid.IMAGES_DIR).iterdir())) == n
             return run
 
+        def s5cmd_keys(url: str):
+            """s5cmd on an explicit list of keys (what a selection file needs), not a wildcard listing."""
+            def run():
+                dest = tmp / "dl-s5cmd-keys"
+                shutil.rmtree(dest, ignore_errors=True)
+                cmds = tmp / "s5cmd-keys.txt"
+                cmds.write_text("".join(f"cp s3://bench-abid/abid/{sub}/{i + 1:05d}.{ext} {dest}/{sub}/\n"
+                                        for i in range(n) for sub, ext in (("metadata", "json"), ("bin-images", "jpg"))))
+                subprocess.run([s5cmd_binary(), "--numworkers", "16", "--endpoint-url", url, "run", str(cmds)],
+                               check=True, stdout=subprocess.DEVNULL)
+                assert len(list((dest / abid.IMAGES_DIR).iterdir())) == n
+            return run
+
         def ours(engine: str, url: str):
             def run():
                 dest = tmp / f"dl-{engine}"
@@ -231,7 +244,8 @@ def main() -> None:
                 assert s["selected"] == n and s["objects_fetched"] == 2 * n and s["engine"] == engine, s
             return run
 
-        dl_names = ("s5cmd cp (baseline)", "bincounter --engine s5cmd", "bincounter --engine python")
+        dl_names = ("s5cmd cp, wildcard (baseline)", "s5cmd run, one cp per key", "bincounter --engine s5cmd",
+                    "bincounter --engine python")
         downloads = {}
         ctx = multiprocessing.get_context("fork")
         ready = ctx.Queue()
@@ -239,8 +253,8 @@ def main() -> None:
         proxy.start()
         proxy_url = f"http://127.0.0.1:{ready.get(timeout=30)}"
         for where, url in (("local endpoint", endpoint), (f"+{args.latency_ms} ms per request", proxy_url)):
-            runs = interleaved(dict(zip(dl_names, (s5cmd_run(url), ours("s5cmd", url), ours("python", url)))),
-                               args.repeats)
+            runs = interleaved(dict(zip(dl_names, (s5cmd_run(url), s5cmd_keys(url), ours("s5cmd", url),
+                                                   ours("python", url)))), args.repeats)
             downloads[where] = runs
             print(where, {k: f"{2 * n / statistics.median(v['wall']):.0f} obj/s" for k, v in runs.items()}, flush=True)
 
