@@ -97,17 +97,18 @@ def _magnitudes(device) -> dict[str, torch.Tensor]:
 
 
 def trivial_augment(x: torch.Tensor, ops: torch.Tensor | None = None, bins: torch.Tensor | None = None,
-                    signs: torch.Tensor | None = None) -> torch.Tensor:
+                    signs: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One photometric TrivialAugmentWide op per image of a float batch in [0, 1].
 
     ``ops`` (index into PHOTOMETRIC_OPS), ``bins`` (magnitude bin) and ``signs`` (+-1) are drawn
     per sample unless given (the tests pass them to compare with torchvision image by image).
     """
     n, dev = x.shape[0], x.device
-    ops = torch.randint(len(PHOTOMETRIC_OPS), (n,), device=dev) if ops is None else ops.to(dev)
-    bins = torch.randint(NUM_BINS, (n,), device=dev) if bins is None else bins.to(dev)
+    g = generator
+    ops = torch.randint(len(PHOTOMETRIC_OPS), (n,), device=dev, generator=g) if ops is None else ops.to(dev)
+    bins = torch.randint(NUM_BINS, (n,), device=dev, generator=g) if bins is None else bins.to(dev)
     if signs is None:
-        signs = torch.where(torch.rand(n, device=dev) <= 0.5, -1.0, 1.0)
+        signs = torch.where(torch.rand(n, device=dev, generator=g) <= 0.5, -1.0, 1.0)
     mags = _magnitudes(dev)
     factor = 1.0 + mags["linear"][bins] * signs.to(dev)
     out = x.clone()
@@ -136,11 +137,11 @@ def trivial_augment(x: torch.Tensor, ops: torch.Tensor | None = None, bins: torc
     return out
 
 
-def color_jitter(x: torch.Tensor, strength: float = 0.2) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, strength: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
     """ColorJitter(brightness=s, contrast=s, saturation=s): factors and op order drawn per sample."""
     n, dev = x.shape[0], x.device
-    factors = torch.empty(3, n, device=dev).uniform_(1 - strength, 1 + strength)
-    order = torch.rand(n, 3, device=dev).argsort(dim=1)  # a random permutation of the 3 ops per sample
+    factors = torch.empty(3, n, device=dev).uniform_(1 - strength, 1 + strength, generator=generator)
+    order = torch.rand(n, 3, device=dev, generator=generator).argsort(dim=1)  # a random permutation of the 3 ops per sample
     ops = (brightness, contrast, saturation)
     for pos in range(3):
         for k, op in enumerate(ops):
@@ -150,16 +151,17 @@ def color_jitter(x: torch.Tensor, strength: float = 0.2) -> torch.Tensor:
     return x
 
 
-def zoom_out_shift(x: torch.Tensor, min_scale: float = MIN_SCALE, fill: torch.Tensor | None = None) -> torch.Tensor:
+def zoom_out_shift(x: torch.Tensor, min_scale: float = MIN_SCALE, fill: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Shrink each image by a factor in [min_scale, 1] and place it anywhere it fits whole.
 
     The content never leaves the frame (|shift| <= 1 - scale in normalised coordinates), so
     every item stays in view; the border is ``fill`` (default 0).
     """
     n, dev = x.shape[0], x.device
-    scale = torch.empty(n, device=dev).uniform_(min_scale, 1.0)
+    scale = torch.empty(n, device=dev).uniform_(min_scale, 1.0, generator=generator)
     room = 1.0 - scale
-    shift = (torch.rand(n, 2, device=dev) * 2 - 1) * room[:, None]
+    shift = (torch.rand(n, 2, device=dev, generator=generator) * 2 - 1) * room[:, None]
     # affine_grid maps output coords to input coords: input = (output - shift) / scale
     theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
@@ -190,33 +192,52 @@ class DeviceTransform(torch.nn.Module):
     ``train=False`` only converts and normalises (validation). With ``decode_size`` set, the
     batch is a list of raw JPEG tensors that are decoded and resized on the device first
     (GPU JPEG decode, see ``presets.use_gpu_decode``); the horizontal flip then happens here too.
+
+    Random draws come from the transform's own generator, reseeded by :meth:`set_epoch` from
+    ``(seed, epoch, rank)``: a resumed epoch replays exactly the augmentation of the original run,
+    whatever else consumed torch's global RNG before it (DataLoader workers starting, say).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *, train: bool = True,
-                 policy: str = "trivial", min_scale: float = MIN_SCALE, decode_size: int | None = None):
+                 policy: str = "trivial", min_scale: float = MIN_SCALE, decode_size: int | None = None,
+                 seed: int = 0, rank: int = 0):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"Invalid augment policy {policy!r}. Only {', '.join(POLICIES)} are supported.")
         if not 0 < min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         self.train_mode, self.policy, self.min_scale, self.decode_size = train, policy, min_scale, decode_size
+        self.seed, self.rank = seed, rank
+        self._epoch, self._generator = 0, None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch, self._generator = epoch, None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed((self.seed * 1_000_003 + self._epoch * 1_009 + self.rank) % 2 ** 63)
+        return self._generator
+
     def forward(self, images, device: torch.device | str | None = None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.mean.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        g = self._rng(device) if self.train_mode else None
         if self.decode_size is not None and isinstance(images, (list, tuple)):
             images = decode_resize(images, self.decode_size, device)
             if self.train_mode:
-                flip = torch.rand(len(images), device=device) < 0.5
+                flip = torch.rand(len(images), device=device, generator=g) < 0.5
                 images = torch.where(_col(flip), images.flip(-1), images)
         x = images.to(device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         if self.train_mode:
             if self.policy == "trivial":
-                x = trivial_augment(x)
+                x = trivial_augment(x, generator=g)
             elif self.policy == "jitter":
-                x = color_jitter(x)
+                x = color_jitter(x, generator=g)
             if self.min_scale < 1:
-                x = zoom_out_shift(x, self.min_scale, fill=self.mean.to(device).flatten())
+                x = zoom_out_shift(x, self.min_scale, fill=self.mean.to(device).flatten(), generator=g)
         return (x - self.mean.to(device)) / self.std.to(device)

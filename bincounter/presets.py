@@ -50,10 +50,10 @@ def train_transform(input_size: int) -> T.Compose:
     ])
 
 
-def train_device_transform(mean, std, policy: str = "trivial", decode_size: int | None = None
-                           ) -> augment.DeviceTransform:
+def train_device_transform(mean, std, policy: str = "trivial", decode_size: int | None = None, seed: int = 0,
+                           rank: int = 0) -> augment.DeviceTransform:
     """Device half of the training transform (see :class:`bincounter.augment.DeviceTransform`)."""
-    return augment.DeviceTransform(mean, std, train=True, policy=policy, decode_size=decode_size)
+    return augment.DeviceTransform(mean, std, train=True, policy=policy, decode_size=decode_size, seed=seed, rank=rank)
 
 
 def use_gpu_decode(flag: str, device: torch.device) -> bool:

@@ -325,7 +325,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     manifest = shards.read_manifest(cfg.data)
     gpu_decode = presets.use_gpu_decode(cfg.gpu_decode, device)  # then workers ship JPEG bytes, decoded on the GPU
     device_transform = presets.train_device_transform(model_cfg.mean, model_cfg.std, cfg.augment,
-                                                      cfg.input_size if gpu_decode else None).to(device)
+                                                      cfg.input_size if gpu_decode else None, cfg.seed,
+                                                      env.rank).to(device)
     train_set = ShardDataset(shards.shard_uris(cfg.data, "train"),
                              None if gpu_decode else presets.train_transform(cfg.input_size),
                              cfg.max_count, cfg.k_or_more, env.rank, env.world_size, cfg.shuffle_buffer, cfg.seed)
@@ -374,6 +375,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     for epoch in range(start_epoch, cfg.epochs):
         seed_all(cfg.seed, epoch, env.rank)
         train_set.set_epoch(epoch)
+        device_transform.set_epoch(epoch)
         with _maybe_profile(cfg, epoch == start_epoch, env.rank) as profiler:
             row = train_one_epoch(ddp_model, train_loader, criterion, optimizer, scaler, device, epoch, cfg,
                                   steps_per_epoch, profiler, device_transform)
