@@ -74,7 +74,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0 at the last epoch
     input_size: int = 224
-    resize_size: int = 0  # resize the whole image to this square, then crop input_size (0: = input_size)
+    resize_size: int = 0  # eval: resize the whole image to this square, then centre-crop input_size (0: = input_size)
     workers: int = 4  # DataLoader worker processes per rank
     augment: str = "trivial"  # photometric policy, run batch-wise on the device (bincounter/augment.py)
     gpu_decode: str = "auto"  # auto: nvJPEG on the training GPU under CUDA; off: decode in the workers
@@ -452,8 +452,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--label-smoothing", "label smoothing of the training loss")
     add("--warmup-epochs", "epochs of linear warmup before the cosine decay")
     add("--input-size", "training and eval crop size in pixels")
-    add("--resize-size", "resize whole images to this square, then crop --input-size (random crop in "
-                         "training, centre crop in eval); 0 means --input-size, no crop")
+    add("--resize-size", "eval: resize whole images to this square, then centre-crop --input-size; 0 means "
+                         "--input-size, no crop. Training never crops: it resizes the whole image to --input-size")
     add("--workers", "DataLoader worker processes per rank")
     add("--augment", "photometric augmentation, batch-wise on the device: trivial (TrivialAugmentWide's "
                      "photometric ops), jitter (ColorJitter 0.2) or none", choices=augment_lib.POLICIES)
