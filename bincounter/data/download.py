@@ -267,13 +267,17 @@ class _S5cmd:
                     + (["--no-sign-request"] if unsigned else []))
 
     def copy(self, pairs: list[tuple[str, Path]], scratch: Path) -> set[str]:
-        """Copy ``(s3 uri, local path)`` pairs; return the URIs copied. Failed ones are simply absent."""
+        """Copy ``(s3 uri, local path)`` pairs; return the URIs copied. Failed ones are simply absent.
+
+        A URI ending in ``/*`` copies everything under it into the folder ``path`` (s5cmd lists
+        instead of sending a HEAD per named object)."""
         if not pairs:
             return set()
-        for d in {p.parent for _, p in pairs}:
+        for d in {p if src.endswith("/*") else p.parent for src, p in pairs}:
             d.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=scratch, prefix=".s5cmd-", suffix=".txt", delete=False) as f:
-            f.write("".join(f"cp {src} {dst}\n" for src, dst in pairs))
+            f.write("".join(f"cp {src} {dst}/\n" if src.endswith("/*") else f"cp {src} {dst}\n"
+                            for src, dst in pairs))  # no shell reads this file: no quoting
         try:
             proc = subprocess.run(self.cmd + ["run", f.name], capture_output=True, text=True,
                                   preexec_fn=_die_with_parent)
@@ -340,6 +344,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     if limit is not None and limit < 0 or max_count is not None and max_count < 0:
         raise ValueError(f"--limit and --max-count must be >= 0, got {limit} and {max_count}")
     engine = resolve_engine(engine, source, dest)
+    staging = Path(dest, STAGING)
     unsigned = resolve_unsigned(auth) if storage.is_s3(source) else False
     store = _Store(source, dest, endpoint_url, unsigned, dest_endpoint_url)
     partials = _clean_partials(dest)
@@ -397,9 +402,13 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         except Exception as e:  # retries exhausted, access denied, ...: report it, keep going
             return abid.Skipped(id_, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
 
+    def staged(sub: str, name: str) -> Path:
+        return staging / sub / name
+
     def fetched(data: bytes) -> None:
         with store.lock:
             store.stats["objects_fetched"] += 1
+            store.stats["objects_via_s5cmd"] += 1
             store.stats["bytes_fetched"] += len(data)
 
     def s5cmd_batch(batch: list[tuple[str, int | None]]) -> tuple[list, list[tuple[str, int | None]]]:
@@ -416,7 +425,6 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 fresh.append((id_, known))
         meta_uri = lambda i: f"{store.source}/{abid.METADATA_DIR}/{i}.json"  # noqa: E731
         img_uri = lambda i: f"{store.source}/{abid.IMAGES_DIR}/{i}.jpg"  # noqa: E731
-        staged = lambda sub, name: staging / sub / name  # noqa: E731
         # Metadata and images in one s5cmd run when no count must be read before its image is
         # fetched (no --max-count, or counts known from the selection file): one ramp-up per batch.
         one_pass = max_count is None or all(k is not None for _, k in fresh)
@@ -455,27 +463,62 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         if not one_pass:
             got = s5cmd.copy([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, *_ in kept], staging)
         for id_, known, meta, rec in kept:
-            tmp_img = staged(abid.IMAGES_DIR, f"{id_}.jpg")
-            if img_uri(id_) not in got:
+            out = land(id_, rec, img_uri(id_) in got)
+            if out is None:
                 with lock:
                     reserved -= 1
                 rest.append((id_, known))
+            else:
+                if not isinstance(out, dict):
+                    with lock:
+                        reserved -= 1
+                outs.append(out)
+        return outs, rest
+
+    def land(id_: str, rec: abid.BinRecord, image_copied: bool):
+        """Check a staged bin's image and rename image, then metadata, to their final names.
+
+        Returns the record, a Skipped, or None when s5cmd did not deliver the image (one() decides)."""
+        if not image_copied:
+            return None
+        img = staged(abid.IMAGES_DIR, f"{id_}.jpg").read_bytes()
+        fetched(img)
+        try:
+            check_jpeg_header(img, id_)
+        except abid.RecordError as e:
+            return abid.Skipped(e.id, e.code, e.detail)
+        # image before metadata: a bin is complete once its metadata lands
+        for sub, name in ((abid.IMAGES_DIR, f"{id_}.jpg"), (abid.METADATA_DIR, f"{id_}.json")):
+            final = Path(dest, sub, name)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged(sub, name), final)
+        return {"id": id_, "count": rec.count, "bytes": len(img)}
+
+    def s5cmd_whole() -> tuple[list, list[tuple[str, int | None]]]:
+        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, then every
+        bin of the metadata listing (the truth: our own listing, not s5cmd's) is checked and
+        landed as in a batch; a listed bin s5cmd did not deliver goes through one()."""
+        s5cmd.copy([(f"{store.source}/{abid.METADATA_DIR}/*", staging / abid.METADATA_DIR),
+                    (f"{store.source}/{abid.IMAGES_DIR}/*", staging / abid.IMAGES_DIR)], staging)
+        outs, rest = [], []
+        for id_, known in candidates:
+            meta_path = staged(abid.METADATA_DIR, f"{id_}.json")
+            if not meta_path.is_file():
+                rest.append((id_, known))
                 continue
-            img = tmp_img.read_bytes()
-            fetched(img)
+            meta = meta_path.read_bytes()
+            fetched(meta)
             try:
-                check_jpeg_header(img, id_)
+                rec = abid.parse_metadata(meta, id_)
             except abid.RecordError as e:
-                with lock:
-                    reserved -= 1
                 outs.append(abid.Skipped(e.id, e.code, e.detail))
                 continue
-            # image before metadata: a bin is complete once its metadata lands
-            for sub, name in ((abid.IMAGES_DIR, f"{id_}.jpg"), (abid.METADATA_DIR, f"{id_}.json")):
-                final = Path(dest, sub, name)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged(sub, name), final)
-            outs.append({"id": id_, "count": rec.count, "bytes": len(img)})
+            out = land(id_, rec, staged(abid.IMAGES_DIR, f"{id_}.jpg").is_file())
+            if out is None:
+                meta_path.unlink()
+                rest.append((id_, known))  # metadata without image, or a failed transfer: one() tells
+            else:
+                outs.append(out)
         return outs, rest
 
     def take(out) -> None:
@@ -498,8 +541,13 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     with ThreadPoolExecutor(workers) as pool:
         if engine == "s5cmd":
             s5cmd = _S5cmd(endpoint_url, unsigned, workers)
-            staging = Path(dest, STAGING)
             staging.mkdir(parents=True, exist_ok=True)
+            fresh_dest = not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
+                                 for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
+            if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
+                outs, rest = s5cmd_whole()  # the whole prefix, nothing there yet: no per-object HEAD
+                for out in outs + list(pool.map(lambda a: one(*a), rest)):
+                    take(out)
             while limit is None or len(records) < limit:
                 want = BATCH if limit is None else min(BATCH, limit - len(records))
                 batch = list(itertools.islice(candidates, want))
@@ -536,7 +584,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         "skipped": len(skipped), "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
         "filtered_out": filtered,
         "objects_fetched": store.stats["objects_fetched"], "objects_unchanged": store.stats["objects_unchanged"],
-        "bytes_fetched": store.stats["bytes_fetched"], "retries": store.stats["retries"],
+        "bytes_fetched": store.stats["bytes_fetched"], "objects_via_s5cmd": store.stats["objects_via_s5cmd"],
+        "retries": store.stats["retries"],
         "partials_removed": partials, "workers": workers, "engine": engine, "seconds": round(seconds, 3),
         "manifest": storage.join(dest, MANIFEST),
     }
