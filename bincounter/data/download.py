@@ -495,29 +495,36 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             os.replace(staged(sub, name), final)
         return {"id": id_, "count": rec.count, "bytes": len(img)}
 
-    def s5cmd_whole() -> tuple[list, list[tuple[str, int | None]]]:
+    def s5cmd_whole(pool: ThreadPoolExecutor) -> tuple[list, list[tuple[str, int | None]]]:
         """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, then every
         bin of the metadata listing (the truth: our own listing, not s5cmd's) is checked and
         landed as in a batch; a listed bin s5cmd did not deliver goes through one()."""
-        s5cmd.copy([(f"{store.source}/{abid.METADATA_DIR}/*", staging / abid.METADATA_DIR),
-                    (f"{store.source}/{abid.IMAGES_DIR}/*", staging / abid.IMAGES_DIR)], staging)
-        outs, rest = [], []
-        for id_, known in candidates:
+        with ThreadPoolExecutor(1) as lister:
+            listed = lister.submit(list, candidates)  # our listing runs while s5cmd copies
+            s5cmd.copy([(f"{store.source}/{abid.METADATA_DIR}/*", staging / abid.METADATA_DIR),
+                        (f"{store.source}/{abid.IMAGES_DIR}/*", staging / abid.IMAGES_DIR)], staging)
+            bins = listed.result()
+
+        def land_listed(bin_: tuple[str, int | None]):
+            id_ = bin_[0]
             meta_path = staged(abid.METADATA_DIR, f"{id_}.json")
             if not meta_path.is_file():
-                rest.append((id_, known))
-                continue
+                return None
             meta = meta_path.read_bytes()
             fetched(meta)
             try:
                 rec = abid.parse_metadata(meta, id_)
             except abid.RecordError as e:
-                outs.append(abid.Skipped(e.id, e.code, e.detail))
-                continue
+                return abid.Skipped(e.id, e.code, e.detail)
             out = land(id_, rec, staged(abid.IMAGES_DIR, f"{id_}.jpg").is_file())
             if out is None:
-                meta_path.unlink()
-                rest.append((id_, known))  # metadata without image, or a failed transfer: one() tells
+                meta_path.unlink()  # metadata without image, or a failed transfer: one() tells which
+            return out
+
+        outs, rest = [], []
+        for bin_, out in zip(bins, pool.map(land_listed, bins)):  # file reads and renames release the GIL
+            if out is None:
+                rest.append(bin_)
             else:
                 outs.append(out)
         return outs, rest
@@ -546,7 +553,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             fresh_dest = not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
                                  for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
             if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
-                outs, rest = s5cmd_whole()  # the whole prefix, nothing there yet: no per-object HEAD
+                outs, rest = s5cmd_whole(pool)  # the whole prefix, nothing there yet: no per-object HEAD
                 for out in outs + list(pool.map(lambda a: one(*a), rest)):
                     take(out)
             while limit is None or len(records) < limit:
