@@ -362,6 +362,8 @@ def main() -> None:
         f"{statistics.median(b) / statistics.median(c):.2f}x |",
         "",
         f"The shards written by 2 processes are {'byte-identical' if same else 'NOT identical'} to those of 1.",
+        "When the machine's load average is above its core count (see Machine above), a second process",
+        "finds no idle core and this row measures contention, not the speed-up on an idle machine.",
         "",
         f"## 3. Training input, per image, one thread, {args.input_size} px",
         "",

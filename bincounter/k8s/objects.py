@@ -100,9 +100,9 @@ def placement(spot: bool, gpus: int) -> tuple[dict[str, str] | None, list[dict] 
 
 
 # CPUs a training pod requests per GPU (docs/data.md, "CPU per GPU, the arithmetic"). DataLoader
-# workers decode, resize and flip 1,755 images/s per core at 224 px (docs/benchmarks/data.md,
+# workers decode, resize and flip 1,967 images/s per core at 224 px (docs/benchmarks/data.md,
 # section 3; augmentation runs on the GPU), so an A100's ~2,470 images/s (ResNet-50, AMP) takes
-# 1.4 cores, plus one for the training process: 4 leaves 1.6x headroom. With GPU JPEG decode
+# 1.3 cores, plus one for the training process: 4 leaves 1.7x headroom. With GPU JPEG decode
 # (the default on CUDA) the workers only read shards.
 CPUS_PER_GPU = 4
 
