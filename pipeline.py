@@ -69,7 +69,7 @@ def bincounter_pipeline(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
-    short_side: int = 320,
+    short_side: int = 0,
     shard_size: int = 1000,
     arch: str = "resnet50",
     pretrained: str = "imagenet",
@@ -124,7 +124,7 @@ def bincounter_pipeline(
 
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
-            test=test_fraction, seed=split_seed, short_side=short_side, shard_size=shard_size,
+            test=test_fraction, seed=split_seed, short_side=short_side, input_size=input_size, shard_size=shard_size,
             s3_endpoint_url=s3_endpoint_url),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
