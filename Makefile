@@ -39,6 +39,9 @@ clean:
 # REGISTRY and TAG default to its values ($BINCOUNTER_REGISTRY / $BINCOUNTER_TAG, else the defaults).
 # `make images push TAG=x` builds and pushes all three; then compile the pipeline and render the
 # manifests with BINCOUNTER_TAG=x so they reference the same tag (docs/images.md).
+# BUILDER=buildah builds without a daemon or registry (images/buildah.sh: a local Debian base);
+# `make image-smoke` then runs each image's entrypoint inside it. Neither is part of `make test`.
+BUILDER ?= docker
 DOCKER ?= docker
 PLATFORM ?= linux/amd64
 images_py = $(PYTHON) -m bincounter.images
@@ -55,7 +58,7 @@ IMAGE_ROLES := $(foreach i,$(IMAGE_LIST),$(firstword $(subst =, ,$(i))))
 image_ref = $(word 2,$(subst =, ,$(filter $(1)=%,$(IMAGE_LIST))))
 image_dockerfile = $(word 3,$(subst =, ,$(filter $(1)=%,$(IMAGE_LIST))))
 
-.PHONY: images push image-names
+.PHONY: images push image-names image-smoke
 
 # Fails loudly on a bad REGISTRY or TAG (the $(shell) calls below cannot).
 image-names:
@@ -63,10 +66,26 @@ image-names:
 
 images: image-names $(addprefix image-,$(IMAGE_ROLES))
 
+ifeq ($(BUILDER),docker)
 image-%: image-names
 	$(DOCKER) build --platform $(PLATFORM) --file $(call image_dockerfile,$*) --tag $(call image_ref,$*) .
+else ifeq ($(BUILDER),buildah)
+image-%: image-names
+	bash images/buildah.sh build $* $(call image_ref,$*) $(call image_dockerfile,$*)
+else
+image-%:
+	@echo "BUILDER=$(BUILDER): expected docker (DOCKER=docker or podman) or buildah" >&2; exit 2
+endif
 
 push: images $(addprefix push-,$(IMAGE_ROLES))
 
 push-%: image-%
+ifeq ($(BUILDER),buildah)
+	bash images/buildah.sh push $(call image_ref,$*)
+else
 	$(DOCKER) push $(call image_ref,$*)
+endif
+
+# The images `make images BUILDER=buildah` built, each running its real entrypoint (docs/images.md).
+image-smoke: venv image-names
+	$(BIN)/python images/smoke.py $(foreach r,$(IMAGE_ROLES),$(r)=$(call image_ref,$(r)))

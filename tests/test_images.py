@@ -65,8 +65,28 @@ def _clean_env() -> dict[str, str]:
 
 # ---------------------------------------------------------------- Dockerfile parsing
 
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comment lines dropped."""
+def instructions(dockerfile: Path, build_args: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined, comment lines dropped, and each ARG
+    substituted as `docker build` does: its default, or the value in build_args (`--build-arg`).
+    ARGs before the first FROM apply to FROM lines; an ARG in a stage applies after it in that stage."""
+    out: list[tuple[str, str]] = []
+    global_args: dict[str, str] = {}
+    stage_args: dict[str, str] | None = None
+    for word, rest in _raw_instructions(dockerfile):
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            value = (build_args or {}).get(name, default.strip('"'))
+            (global_args if stage_args is None else stage_args)[name] = value
+        else:
+            scope = global_args if word == "FROM" else (stage_args or {})
+            rest = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: scope.get(m[1] or m[2], m[0]), rest)
+            if word == "FROM":
+                stage_args = {}
+        out.append((word, rest))
+    return out
+
+
+def _raw_instructions(dockerfile: Path) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     buf = ""
     for line in dockerfile.read_text().splitlines():
@@ -89,10 +109,10 @@ def final_stage(dockerfile: Path) -> list[tuple[str, str]]:
     return ins[last_from:]
 
 
-def uv_installs(dockerfile: Path) -> list[list[str]]:
+def uv_installs(dockerfile: Path, build_args: dict[str, str] | None = None) -> list[list[str]]:
     """Each `uv pip install ...` of the Dockerfile's RUN instructions, as an argument list."""
     commands = []
-    for word, rest in instructions(dockerfile):
+    for word, rest in instructions(dockerfile, build_args):
         if word != "RUN":
             continue
         shell = re.sub(r"^(--mount=\S+\s+)+", "", rest)
@@ -186,13 +206,42 @@ def test_dockerfile_follows_the_image_rules(role):
         assert cmd[cmd.index("--model") + 1] == "/mnt/models"  # where KServe's storage initializer puts it
 
 
+def test_the_base_is_a_build_argument_with_the_pinned_default():
+    for role in images.IMAGES:
+        raw = _raw_instructions(dockerfile(role))
+        first_from = next(i for i, (word, _) in enumerate(raw) if word == "FROM")
+        assert ("ARG", "BASE_IMAGE=python:3.11.14-slim-bookworm") in raw[:first_from], role
+        stages = {rest.split()[-1] for word, rest in raw if word == "FROM" and " AS " in rest}
+        assert all(rest.split()[0] in ("${BASE_IMAGE}", *stages) for word, rest in raw if word == "FROM"), role
+        local = instructions(dockerfile(role), {"BASE_IMAGE": "localhost/bincounter-base:bookworm"})
+        assert {rest.split()[0] for word, rest in local if word == "FROM"} - stages == \
+            {"localhost/bincounter-base:bookworm"}
+
+
+def test_instruction_parser_substitutes_args(tmp_path):
+    df = tmp_path / "Dockerfile"
+    df.write_text('ARG B=x:1\nFROM ${B} AS s\nARG V=+cpu\nRUN echo "t==1${V}" $B\nFROM $B\nRUN echo ${V}\n')
+    assert instructions(df) == [("ARG", "B=x:1"), ("FROM", "x:1 AS s"), ("ARG", "V=+cpu"),
+                                ("RUN", 'echo "t==1+cpu" $B'), ("FROM", "x:1"), ("RUN", "echo ${V}")]
+    assert instructions(df, {"V": ""})[3] == ("RUN", 'echo "t==1" $B')
+
+
+# What images/buildah.sh passes where the CPU wheel index cannot be reached.
+PYPI_TORCH_ARGS = {"TORCH_INDEX_URL": "https://pypi.org/simple", "TORCH_LOCAL_VERSION": ""}
+
+
 @pytest.mark.parametrize("role", list(images.IMAGES))
 def test_dockerfile_pins_agree_with_pyproject(role):
-    text = dockerfile(role).read_text()
+    text = "\n".join(rest for _, rest in instructions(dockerfile(role)))
     uv_version = re.search(r"uv==([\w.]+)", text).group(1)
     assert uv_version == importlib.metadata.version("uv"), "the Dockerfiles and the tests must use the same uv"
     pins = dict(re.findall(r'"(torch|torchvision)==([\w.]+)"', (ROOT / "pyproject.toml").read_text()))
     cpu_pins = dict(re.findall(r"\b(torch|torchvision)==([\w.]+)\+cpu\b", text))
+    if role in CPU_ROLES:  # the local build's arguments give PyPI's build of the same versions
+        torch_install = next(c for c in uv_installs(dockerfile(role), PYPI_TORCH_ARGS) if "--no-deps" in c)
+        assert torch_install[torch_install.index("--index-url") + 1] == "https://pypi.org/simple"
+        assert dict(a.split("==") for a in torch_install if "==" in a) == pins
+        assert "TORCH_INDEX_URL" in (ROOT / "images" / "buildah.sh").read_text()
     if role in CPU_ROLES:
         assert CPU_TORCH_INDEX in text
         assert cpu_pins == pins, f"{role}: CPU torch pins {cpu_pins} differ from pyproject.toml {pins}"
@@ -338,6 +387,39 @@ def test_make_images_rejects_a_bad_tag(tmp_path):
     result = run_make("images", f"DOCKER={fake}", "TAG=not a tag")
     assert result.returncode != 0 and "Invalid image tag" in result.stderr
     assert not log.exists(), "docker ran with an invalid tag"
+
+
+def test_make_images_with_buildah_builds_every_role_under_the_python_names():
+    result = run_make("-n", "images", "BUILDER=buildah", "TAG=1.2.3")
+    assert result.returncode == 0, result.stderr
+    calls = [shlex.split(line) for line in result.stdout.splitlines() if "images/buildah.sh" in line]
+    assert sorted(c[1:] for c in calls) == sorted(
+        ["images/buildah.sh", "build", r, images.image(r, tag_="1.2.3"), images.IMAGES[r][1]] for r in images.IMAGES)
+    smoke = run_make("-n", "image-smoke", "TAG=1.2.3")
+    assert smoke.returncode == 0, smoke.stderr
+    argv = shlex.split(next(line for line in smoke.stdout.splitlines() if "images/smoke.py" in line))
+    assert argv[2:] == [f"{r}={images.image(r, tag_='1.2.3')}" for r in images.IMAGES]
+
+
+def test_make_images_rejects_an_unknown_builder():
+    result = run_make("images", "BUILDER=kaniko")
+    assert result.returncode != 0 and "BUILDER=kaniko: expected docker" in result.stderr
+
+
+def test_smoke_finds_the_uid_of_a_listening_process():
+    import socket
+
+    sys.path.insert(0, str(ROOT / "images"))
+    try:
+        import smoke
+    finally:
+        sys.path.remove(str(ROOT / "images"))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        assert smoke.listening_uid(port) is None  # bound, not listening
+        server.listen()
+        assert smoke.listening_uid(port) == os.getuid()
 
 
 # ---------------------------------------------------------------- referenced images
