@@ -182,3 +182,57 @@ def list_files(prefix: str, *, endpoint_url: str | None = None, unsigned: bool =
     for path in sorted(root.rglob("*")):
         if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".part")):
             yield path.relative_to(root).as_posix(), path.stat().st_size
+
+
+def check_writable(uri: str, *, endpoint_url: str | None = None, what: str = "output") -> None:
+    """Fail now, naming ``uri``, if it cannot be written: before hours of work, not after.
+
+    A local folder is created and a probe file written and removed; for ``s3://`` the
+    bucket must exist and be reachable (a PutObject probe would leave objects behind in
+    buckets with versioning, so only HeadBucket is sent).
+    """
+    from bincounter.errors import UserError
+
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _ = split_s3(uri)
+        try:
+            s3_client(endpoint_url).head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise UserError(f"{what} {uri}: bucket {bucket} does not exist (create it first, or fix the URI)") \
+                    from None
+            if code in ("403", "AccessDenied"):
+                raise UserError(f"{what} {uri}: access to bucket {bucket} denied (check the S3 credentials)") \
+                    from None
+            raise
+        return
+    path = Path(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=".part")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {uri} is not writable: {e.strerror or e}") from None
+
+
+def check_folder(uri: str, *, what: str = "input folder") -> None:
+    """A local input folder must exist (S3 prefixes are checked by the first listing or read)."""
+    from bincounter.errors import UserError
+
+    if not is_s3(uri) and not Path(uri).is_dir():
+        state = "is not a folder" if Path(uri).exists() else "does not exist"
+        raise UserError(f"{what} {uri} {state}")
+
+
+def read_json(uri: str, *, what: str = "JSON file", endpoint_url: str | None = None, unsigned: bool = False):
+    """Parse a JSON file, naming it when it is missing or corrupt."""
+    import json
+
+    from bincounter.errors import about_file
+
+    with about_file(uri, what):
+        return json.loads(read_bytes(uri, endpoint_url=endpoint_url, unsigned=unsigned))

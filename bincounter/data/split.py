@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bincounter import storage
+from bincounter.errors import UsageError
 from bincounter.data import abid
 from bincounter.data.shards import MANIFEST, SPLITS
 
@@ -60,7 +61,7 @@ def load_source(source: str, *, endpoint_url: str | None = None) -> tuple[str, a
 
 def _check_fractions(val: float, test: float) -> None:
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
+        raise UsageError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
 
 
 def stratified(records: list[abid.BinRecord], fractions: dict[str, float], seed: int, rest: str = "train"
@@ -236,6 +237,8 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     if shard_size < 1 or short_side < 1:
         raise ValueError(f"--shard-size and --short-side must be >= 1, got {shard_size} and {short_side}")
     t0 = time.perf_counter()
+    if not source.endswith(".json"):
+        storage.check_folder(source, what="source folder")
     root, scanned = load_source(source, endpoint_url=endpoint_url)
     if not scanned.records:
         raise ValueError(f"No usable ABID records in {source} (skipped: {scanned.skipped_by_reason() or 'none'}). "
@@ -248,6 +251,9 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     else:
         assignment = stratified(scanned.records, {"val": val, "test": test}, seed)
         how = "stratified"
+    if not assignment["val"]:  # training validates every epoch: an empty val set fails it after epoch 1
+        raise ValueError(f"The val split would be empty ({len(scanned.records)} usable records in {source}, "
+                         f"--val {val}): raise --val, add data, or pass --val-ids.")
     skipped = list(scanned.skipped)
     grid: list = []
     splits = {}

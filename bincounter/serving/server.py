@@ -36,6 +36,7 @@ from kserve.logging import logger
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 
+from bincounter import errors
 from bincounter.model import load_model_dir
 from bincounter.serving.binary_v2 import BinaryBytesInputs
 from bincounter.serving.inference import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RUNTIMES, Counter,
@@ -263,6 +264,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.configure_logging:  # before load(), so its log lines show (ModelServer would do it later)
         kserve.logging.configure_logging(args.log_config_file)
+    errors.check_port_free(args.http_port)  # before the model load, which can take minutes
+    if args.enable_grpc:
+        errors.check_port_free(args.grpc_port, what="--grpc_port")
     model = BinCounterModel(args.model_name, args.model, runtime=args.runtime, max_batch_size=args.max_batch_size,
                             max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes)
     try:
