@@ -193,6 +193,7 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - the one place that turns any failure into a line
+        _close_progress_bars()
         if debug:
             traceback.print_exc()
         else:
@@ -200,6 +201,13 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
             hint = "" if known else " (a bug? rerun with --debug for the traceback)"
             print(f"error: {known or errors.describe(e)}{hint}", file=sys.stderr)
         return errors.exit_code(e)
+
+
+def _close_progress_bars() -> None:
+    """End any tqdm bar the failed command left open, so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

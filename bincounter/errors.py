@@ -132,12 +132,12 @@ def _urllib3(e: BaseException) -> str | None:
     if isinstance(e, ue.MaxRetryError) and e.reason is not None:
         reason = e.reason
         host = _host_of(e.pool)
+        if isinstance(reason, ue.NewConnectionError):  # before ConnectTimeoutError: it is a subclass
+            return f"cannot connect to {host}: {_new_connection_reason(reason)}"
         if isinstance(reason, ue.ConnectTimeoutError):
             return f"{host} did not accept the connection in time (connect timeout): is the address right?"
         if isinstance(reason, ue.ReadTimeoutError):
             return f"{host} accepted the connection but did not answer in time (read timeout)"
-        if isinstance(reason, ue.NewConnectionError):
-            return f"cannot connect to {host}: {_new_connection_reason(reason)}"
         return f"request to {host} failed: {reason}"
     if isinstance(e, ue.ReadTimeoutError):
         return f"{_host_of(e.pool)} accepted the connection but did not answer in time (read timeout)"
@@ -239,3 +239,39 @@ def check_port_free(port: int, host: str = "0.0.0.0", what: str = "--port") -> N
         except OSError as e:
             raise UserError(f"{what} {port} is not free ({e.strerror}): stop the process using it, or pass "
                             "another port") from None
+
+
+TIMEOUT_ENV = "BINCOUNTER_REQUEST_TIMEOUT"
+DEFAULT_TIMEOUTS = (10.0, 60.0)
+
+
+def request_timeouts() -> tuple[float, float]:
+    """``(connect, read)`` seconds for every call to the Kubernetes and Pipelines APIs.
+
+    Their generated clients wait forever by default: a host that accepts the connection
+    and never answers would hang the command. ``$BINCOUNTER_REQUEST_TIMEOUT`` sets the
+    read timeout (the connect timeout is the smaller of it and 10 s).
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUTS
+    try:
+        read = float(raw)
+        if read <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"${TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    return (min(DEFAULT_TIMEOUTS[0], read), read)
+
+
+def with_timeouts(api_client_class: type) -> type:
+    """A subclass of a generated OpenAPI client (kubernetes, kfp_server_api) whose requests
+    default to :func:`request_timeouts` instead of waiting forever."""
+
+    class TimeoutApiClient(api_client_class):
+        def request(self, method, url, *args, _request_timeout=None, **kwargs):
+            return super().request(method, url, *args, _request_timeout=_request_timeout or request_timeouts(),
+                                   **kwargs)
+
+    TimeoutApiClient.__name__ = TimeoutApiClient.__qualname__ = f"Timeout{api_client_class.__name__}"
+    return TimeoutApiClient

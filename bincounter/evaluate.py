@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bincounter import storage
+from bincounter import plots, storage
 
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -80,31 +80,8 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: i
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
-    """The confusion matrix as a PNG (rows: true count, columns: predicted), each cell annotated."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in pods
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(class_names), 0.8 + 0.7 * len(class_names)), dpi=100)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted count")
-    ax.set_ylabel("true count")
-    if title:
-        ax.set_title(title)
-    threshold = cm.max() / 2 if cm.size else 0
-    for (t, p), v in np.ndenumerate(cm):
-        ax.text(p, t, str(v), ha="center", va="center", color="white" if v > threshold else "black", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    """The confusion matrix as a PNG: counts and the recall view, with colour bars (bincounter.plots)."""
+    return plots.confusion(cm, class_names, title)
 
 
 def evaluate(model_dir: str, data: str, split: str = "test", output: str | None = None, *,
@@ -143,7 +120,7 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
-                            plot_confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+                            plots.confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
     return metrics
 
 

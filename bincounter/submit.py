@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bincounter.errors import UsageError
+
 DEFAULT_PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 PIPELINE_NAME = "bincounter"
@@ -77,6 +79,13 @@ def parse_params(pairs: list[str], parameters: dict[str, dict[str, Any]]) -> dic
         from bincounter.engines import check_engine
 
         check_engine(out["engine"])
+    if out.get("extra_train_args"):  # else a typo fails the run hours later, after download and split
+        from bincounter.engines import check_train_args
+
+        try:
+            check_train_args([str(a) for a in out["extra_train_args"]])
+        except ValueError as e:
+            raise UsageError(f"Invalid --param extra_train_args: {e}") from None
     return out
 
 
@@ -92,6 +101,27 @@ def resolve_token(token: str | None) -> str | None:
     return None
 
 
+def make_client(host: str, token: str | None = None, namespace: str | None = None):
+    """A ``kfp.Client`` whose every request has a connect and a read timeout.
+
+    kfp.Client builds its ``kfp_server_api.ApiClient`` inside ``__init__`` (and calls the
+    healthz endpoint there), with no way to pass a timeout: the generated client then
+    waits forever on a host that accepts and never answers. So the class it builds is
+    swapped for one with timeouts while the client is made.
+    """
+    import kfp
+    import kfp_server_api
+
+    from bincounter import errors
+
+    original = kfp_server_api.ApiClient
+    kfp_server_api.ApiClient = errors.with_timeouts(original)
+    try:  # kfp.Client's own namespace default is "kubeflow": pass ours only when given
+        return kfp.Client(host=host, existing_token=token, **({"namespace": namespace} if namespace else {}))
+    finally:
+        kfp_server_api.ApiClient = original
+
+
 def submit(*, host: str, pipeline_file: str | os.PathLike = DEFAULT_PIPELINE_FILE, params: dict[str, Any],
            namespace: str | None = None, experiment: str = "bincounter", run_name: str | None = None,
            token: str | None = None, service_account: str | None = None, pipeline_name: str = PIPELINE_NAME,
@@ -100,10 +130,8 @@ def submit(*, host: str, pipeline_file: str | os.PathLike = DEFAULT_PIPELINE_FIL
 
     Returns the ids of the pipeline, version, experiment and run, and the run's URL.
     """
-    import kfp
-
-    if client is None:  # kfp.Client's own namespace default is "kubeflow": pass ours only when given
-        client = kfp.Client(host=host, existing_token=token, **({"namespace": namespace} if namespace else {}))
+    if client is None:
+        client = make_client(host, token, namespace)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
@@ -157,8 +185,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         kwargs = submit_kwargs(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     result = submit(**kwargs)
     print(json.dumps(result, indent=2))
     return 0

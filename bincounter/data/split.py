@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bincounter import storage
+from bincounter import plots, storage
 from bincounter.errors import UsageError
 from bincounter.data import abid
 from bincounter.data.shards import MANIFEST, SPLITS
@@ -180,7 +180,7 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
                     writer.write({"__key__": rec.id, "jpg": res, "json": label})
                     written.append(rec.count)
                     n += 1
-                    if len(samples_for_grid) < 16 and name == "train":
+                    if name == "train" and sum(s[1] == rec.count for s in samples_for_grid) < plots.SAMPLES_PER_COUNT:
                         samples_for_grid.append((rec.id, rec.count, res))
                 writer.close()
             if n:
@@ -194,7 +194,6 @@ def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     classes = sorted({int(c) for s in splits.values() for c in s["class_counts"]})
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 3), 4))
@@ -207,15 +206,7 @@ def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
     _save_fig(fig, storage.join(out, "class_distribution.png"), endpoint_url)
 
-    cols = 4
-    rows = max(1, (len(grid) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (id_, count, jpeg) in zip(axes.flat, grid):
-        ax.imshow(Image.open(io.BytesIO(jpeg)))
-        ax.set_title(f"{id_}: {count} items", fontsize=9)
-    _save_fig(fig, storage.join(out, "samples.png"), endpoint_url)
+    storage.write_bytes(storage.join(out, "samples.png"), plots.samples_by_count(grid), endpoint_url=endpoint_url)
 
 
 def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
