@@ -130,7 +130,8 @@ def bincounter_pipeline(
             shards=split_task.outputs["shards"], model=train_task.outputs["model"], engine=engine,
             best_params=tune_task.outputs["best_params"], best_value=tune_task.outputs["best_value"],
             tune_gpu_hours=tune_task.outputs["gpu_hours"], train_gpu_hours=train_task.outputs["gpu_hours"],
-            price_per_gpu_hour=price_per_gpu_hour, spot=spot, s3_endpoint_url=s3_endpoint_url), **on_cluster)
+            price_per_gpu_hour=price_per_gpu_hour, spot=spot, s3_endpoint_url=s3_endpoint_url, work_uri=work_uri,
+            run_id=run_id), **on_cluster)
         evaluate_task.set_retry(num_retries=2, backoff_duration="60s")
         evaluate_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")
 

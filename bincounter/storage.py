@@ -236,3 +236,18 @@ def read_json(uri: str, *, what: str = "JSON file", endpoint_url: str | None = N
 
     with about_file(uri, what):
         return json.loads(read_bytes(uri, endpoint_url=endpoint_url, unsigned=unsigned))
+
+
+def list_dirs(prefix: str, *, endpoint_url: str | None = None) -> list[str]:
+    """Names of the folders directly under ``prefix`` (S3: common prefixes, no deep listing)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        names = []
+        paginator = s3_client(endpoint_url).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+    root = Path(prefix)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -337,7 +337,7 @@ def test_help_has_no_rst_markup_and_serve_lists_its_own_flags_first(capsys):
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
     ours, kserve = out.index("--max-batch-size"), out.index("KServe model server flags")
-    assert ours < kserve < out.index("--enable_grpc")
+    assert ours < kserve < out.index("--enable_grpc", kserve)
 
 
 def test_an_unexpected_error_says_it_may_be_a_bug():
