@@ -139,7 +139,8 @@ def bincounter_pipeline(
             deploy_task = _on_cluster(deploy(
                 model=train_task.outputs["model"], shards=split_task.outputs["shards"], engine=engine,
                 run_id=run_id, model_name=model_name, smoke_images=smoke_images, namespace=namespace,
-                image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret), **on_cluster)
+                image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret, work_uri=work_uri),
+                **on_cluster)
             deploy_task.after(evaluate_task)  # deploy only a model that has been evaluated
             deploy_task.set_caching_options(False)
             deploy_task.set_retry(num_retries=2, backoff_duration="30s")

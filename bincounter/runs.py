@@ -21,7 +21,7 @@ from typing import Any
 from bincounter import storage
 from bincounter.errors import UserError
 
-STAGES = ("split", "tune", "model", "evaluation")
+STAGES = ("split", "tune", "model", "evaluation", "deploy")
 
 
 def run_dir(work_uri: str, run_id: str) -> str:
@@ -70,6 +70,7 @@ def show_run(work_uri: str, run_id: str) -> dict[str, Any]:
         "model_uri": model if "model" in present else None,
         "tensorboard": storage.join(model, "tensorboard") if "model" in present else None,
         "plots": plots,
+        "deployment": _json(storage.join(root, "deploy", "deployment.json")),
     }
 
 
@@ -93,6 +94,8 @@ def print_show(info: dict[str, Any]) -> None:
     if info["model_uri"]:
         print(f"  model:          {info['model_uri']}")
         print(f"  TensorBoard:    tensorboard --logdir {info['tensorboard']}")
+    if info["deployment"]:
+        print(f"  endpoint:       {info['deployment']['endpoint']} ({info['deployment']['engine']})")
     for uri in info["plots"]:
         print(f"  plot:           {uri}")
     if info["trials"]:

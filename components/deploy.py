@@ -23,6 +23,7 @@ def deploy(
     deadline_minutes: int = 30,
     s3_endpoint_url: str = "",
     s3_secret: str = "bincounter-s3",
+    work_uri: str = "",
 ) -> NamedTuple("Outputs", [("endpoint", str), ("handle", str), ("predictions", list)]):
     """Serve the model and check it answers: a prediction for ``smoke_images`` test images.
 
@@ -52,13 +53,16 @@ def deploy(
         handle: The local server's process id, or the InferenceService name.
         predictions: One ``{"id", "true_count", "count", "confidence"}`` per smoke-test image.
 
+        work_uri: Working store prefix; when set, the endpoint is recorded in
+            ``{work_uri}/runs/{run_id}/deploy/deployment.json`` (``bincounter runs show`` prints it).
     Raises:
         RuntimeError: The endpoint did not answer the smoke-test request.
     """
+    import json
     import os
     from collections import namedtuple
 
-    from bincounter import engines
+    from bincounter import engines, storage
     from bincounter.data import shards as shards_lib
     from bincounter.serving import client
 
@@ -78,6 +82,11 @@ def deploy(
                                        max_replicas=max_replicas, s3_secret=s3_secret,
                                        deadline_s=deadline_minutes * 60)
     print(f"serving {model_name} at {deployment.url}")
+    if work_uri:
+        record = {"endpoint": deployment.url, "model_name": model_name, "engine": engine, "handle": deployment.handle,
+                  "model_uri": model.metadata.get("uri", model.path)}
+        storage.write_bytes(storage.join(work_uri, "runs", run_id, "deploy", "deployment.json"),
+                            json.dumps(record, indent=2).encode())
     predictions = []
     if smoke_images > 0:
         data = shards.metadata.get("uri") or shards.path
