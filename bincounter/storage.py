@@ -97,15 +97,43 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, unsigned: bool = Fa
     return Path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
-    """Write ``data`` atomically: readers see the old object or the whole new one, never part."""
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask(x) sets it: racy with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _temp_file(path: Path, private: bool = False) -> tuple[int, str]:
+    """A temp file beside ``path`` with the mode a plain ``open(path, "w")`` would give it.
+
+    mkstemp creates 0600 files; written data is meant to be shared (other users, a model
+    server running as another uid, a web server over the demo folder), so the file gets
+    0666 minus the umask, as any ordinary file. ``private`` keeps 0600 (secrets).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    if not private:
+        os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None, private: bool = False) -> None:
+    """Write ``data`` atomically: readers see the old object or the whole new one, never part.
+
+    Local files follow the umask like any ordinary file; ``private=True`` makes them 0600 (secrets).
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
         s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _temp_file(path, private)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -133,7 +161,7 @@ def upload_file(local: str | os.PathLike, uri: str, *, endpoint_url: str | None 
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = _temp_file(dest)
     os.close(fd)
     try:
         shutil.copyfile(local, tmp)
@@ -148,7 +176,7 @@ def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | Non
     """Copy ``uri`` to a local file atomically (no partial file under the final name)."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
+    fd, tmp = _temp_file(local)
     os.close(fd)
     try:
         if is_s3(uri):
