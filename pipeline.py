@@ -56,6 +56,8 @@ def bincounter_pipeline(
     file_list: str = "",
     limit: int = 0,
     download_workers: int = 32,
+    refresh_download: bool = False,
+    split_uri: str = "",
     max_count: int = 5,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
@@ -95,7 +97,8 @@ def bincounter_pipeline(
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
             file_list=file_list, max_count=max_count, limit=limit, workers=download_workers,
-            s3_endpoint_url=s3_endpoint_url), **on_cluster)
+            s3_endpoint_url=s3_endpoint_url, split_uri=split_uri, refresh=refresh_download,
+            extra_train_args=extra_train_args), **on_cluster)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
         download_task.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
@@ -103,7 +106,7 @@ def bincounter_pipeline(
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
             test=test_fraction, seed=split_seed, short_side=short_side, shard_size=shard_size,
-            s3_endpoint_url=s3_endpoint_url),
+            s3_endpoint_url=s3_endpoint_url, split_uri=split_uri),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
         split_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")

@@ -32,6 +32,17 @@ def _json(uri: str) -> dict | None:
     return storage.read_json(uri, what="run record") if storage.exists(uri) else None
 
 
+def _stages(work_uri: str, run_id: str) -> tuple[list[str], str | None]:
+    """The stages a run reached, and its split folder (shared splits are named by ``split.json``)."""
+    root = run_dir(work_uri, run_id)
+    present = set(storage.list_dirs(root))
+    pointer = _json(storage.join(root, "split.json"))
+    split = pointer["uri"] if pointer else (storage.join(root, "split") if "split" in present else None)
+    if split:
+        present.add("split")
+    return [s for s in STAGES if s in present], split
+
+
 def list_runs(work_uri: str) -> list[dict[str, Any]]:
     """One row per run folder: its id, the stages it reached, and the test accuracy if it was evaluated."""
     runs_root = storage.join(work_uri, "runs")
@@ -39,9 +50,9 @@ def list_runs(work_uri: str) -> list[dict[str, Any]]:
         storage.check_folder(work_uri, what="--work-uri")
     rows = []
     for run_id in storage.list_dirs(runs_root):
-        stages = set(storage.list_dirs(run_dir(work_uri, run_id)))
+        stages, _ = _stages(work_uri, run_id)
         metrics = _json(storage.join(run_dir(work_uri, run_id), "evaluation", "metrics.json")) or {}
-        rows.append({"run": run_id, "stages": [s for s in STAGES if s in stages],
+        rows.append({"run": run_id, "stages": stages,
                      "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1")})
     return rows
 
@@ -49,19 +60,19 @@ def list_runs(work_uri: str) -> list[dict[str, Any]]:
 def show_run(work_uri: str, run_id: str) -> dict[str, Any]:
     """Everything a run left: the report, the test metrics, the plots, the tuning trials, where the model is."""
     root = run_dir(work_uri, run_id)
-    present = storage.list_dirs(root)
+    present, split = _stages(work_uri, run_id)
     if not present:
         known = [r["run"] for r in list_runs(work_uri)]
         raise UserError(f"no run {run_id!r} under {storage.join(work_uri, 'runs')}"
                         + (f"; runs there: {', '.join(known[-10:])}" if known else "; it holds no runs"))
     report_uri = storage.join(root, "evaluation", "report.md")
     tuning = _json(storage.join(root, "tune", "tuning.json")) or {}
-    plots = sorted(storage.join(root, stage, name) for stage in ("split", "evaluation") if stage in present
-                   for name, _ in storage.list_files(storage.join(root, stage)) if name.endswith(".png")
-                   and "/" not in name)
+    folders = [f for f in (split, storage.join(root, "evaluation") if "evaluation" in present else None) if f]
+    plots = sorted(storage.join(folder, name) for folder in folders
+                   for name, _ in storage.list_files(folder) if name.endswith(".png") and "/" not in name)
     model = storage.join(root, "model")
     return {
-        "run": run_id, "dir": root, "stages": [s for s in STAGES if s in present],
+        "run": run_id, "dir": root, "stages": present, "split_uri": split,
         "report": storage.read_bytes(report_uri).decode() if storage.exists(report_uri) else None,
         "report_uri": report_uri if storage.exists(report_uri) else None,
         "test_metrics": _json(storage.join(root, "evaluation", "metrics.json")),
@@ -91,6 +102,8 @@ def print_list(rows: list[dict[str, Any]], work_uri: str) -> None:
 def print_show(info: dict[str, Any]) -> None:
     print(f"run {info['run']}: {info['dir']}")
     print(f"  stages reached: {', '.join(info['stages']) or 'none'}")
+    if info["split_uri"]:
+        print(f"  split:          {info['split_uri']}  (start a run from it: --param split_uri=...)")
     if info["model_uri"]:
         print(f"  model:          {info['model_uri']}")
         print(f"  TensorBoard:    tensorboard --logdir {info['tensorboard']}")
