@@ -56,7 +56,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         raw = outputs["download"]["artifacts"]["raw"]["artifacts"][0]["metadata"]
         assert raw["selected"] == TINY["images"] and raw["uri"] == f"s3://{buckets['work']}/abid"
         shards = outputs["split"]["artifacts"]["shards"]["artifacts"][0]
-        assert shards["metadata"]["uri"].startswith(f"s3://{buckets['work']}/runs/")
+        assert shards["metadata"]["uri"].startswith(f"s3://{buckets['work']}/splits/")  # shared by reruns
         assert sum(shards["metadata"]["samples"].values()) == TINY["images"]
         assert Path(shards["uri"], "manifest.json").is_file()  # the small files are in the artifact too
 
@@ -85,8 +85,22 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         assert sum(sum(r["row"]) for r in cm["rows"]) == metrics["samples"]
         report = Path(outputs["evaluate"]["artifacts"]["report"]["artifacts"][0]["uri"]).read_text()
         for section in ("## Data", "## Best hyperparameters", "## Test metrics", "Confusion matrix",
-                        "## Compute and cost"):
+                        "## Compute and cost", "## Tuning trials", "## Training curves"):
             assert section in report
+
+        # The run's record in the working store, as `bincounter runs show` reads it back.
+        from bincounter import runs
+
+        run_id = model["metadata"]["uri"].rstrip("/").split("/")[-2]
+        info = runs.show_run(f"s3://{buckets['work']}", run_id)
+        assert info["stages"] == ["split", "tune", "model", "evaluation", "deploy"]
+        assert info["split_uri"] == shards["metadata"]["uri"]
+        assert info["report"].startswith("# bincounter run report") and "training_curves.png" in info["report"]
+        assert info["test_metrics"]["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert len(info["trials"]) == TINY["tune_trials"]
+        assert info["deployment"]["endpoint"] == deployed["endpoint"]
+        plots = {u.rsplit("/", 1)[-1] for u in info["plots"]}
+        assert {"samples.png", "confusion_matrix.png", "training_curves.png", "mistakes.png"} <= plots
 
         # deploy: a live server that answered the smoke test, and answers us.
         assert len(deployed["predictions"]) == 2
