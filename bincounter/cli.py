@@ -92,6 +92,62 @@ NUMBER_RULES = {
     "gpus_per_worker": nonnegative_int, "request_timeout": positive_float, "poll_interval": positive_float,
 }
 
+# One name per concept in every command (docs/cli.md). The old spellings still work for one
+# release, with a warning, and are hidden from --help. Applied here, to the parsers as the
+# stage modules define them, so that every entry point (bincounter CMD, python -m
+# bincounter.train under torchrun, the pipeline's extra_train_args check) agrees.
+RENAMED_FLAGS: dict[str, dict[str, str]] = {
+    "download": {"--dest": "--output", "--dest-endpoint-url": "--output-endpoint-url", "--workers": "--concurrency"},
+    "synth": {"--workers": "--concurrency"},
+    "split": {"--out": "--output", "--workers": "--processes"},
+    "train": {"--workers": "--loader-workers"},
+    "evaluate": {"--workers": "--loader-workers"},
+    "k8s tune": {"--max-trials": "--trials", "--parallel-trials": "--parallelism"},
+}
+
+
+class _DeprecatedFlag(argparse.Action):
+    """The old spelling of a renamed flag: warns, then acts as the new one."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action, new: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=target.nargs, type=target.type, choices=target.choices,
+                         help=argparse.SUPPRESS, metavar=target.metavar)
+        self.target, self.new = target, new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and goes in the next release; use {self.new}",
+              file=sys.stderr)
+        self.target(parser, namespace, values, option_string)
+
+
+def _rename_flags(parser: argparse.ArgumentParser, renames: dict[str, str]) -> None:
+    required = []
+    for old, new in renames.items():
+        action = parser._option_string_actions.get(old)
+        if action is None or new in parser._option_string_actions:
+            continue  # the module already uses the new name
+        action.option_strings = [new if s == old else s for s in action.option_strings]
+        if action.metavar is None and action.nargs is None:  # help shows --output OUTPUT, not --output DEST
+            action.metavar = new.lstrip("-").replace("-", "_").upper()
+        del parser._option_string_actions[old]
+        parser._option_string_actions[new] = action
+        parser.add_argument(old, dest=action.dest, action=_DeprecatedFlag, target=action, new=new)
+        if action.required:  # either spelling satisfies it: checked after parsing
+            action.required = False
+            required.append((action.dest, new))
+    if required:
+        parse_known_args = parser.parse_known_args
+
+        def checked(args=None, namespace=None):
+            ns, extra = parse_known_args(args, namespace)
+            missing = [flag for dest, flag in required if getattr(ns, dest, None) is None]
+            if missing:
+                parser.error(f"the following arguments are required: {', '.join(missing)}")
+            return ns, extra
+
+        parser.parse_known_args = checked
+
+
 _RST = [(re.compile(r":[a-z]+:`([^`]*)`"), r"\1"), (re.compile(r"``([^`]*)``"), r"\1"), (re.compile(r"\\\\\n"), "\n")]
 
 
@@ -107,7 +163,7 @@ def plain(text: str | None) -> str | None:
 def _subparsers(parser: argparse.ArgumentParser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            yield from action.choices.values()
+            yield from action.choices.items()
 
 
 def _one_line_error(parser: argparse.ArgumentParser):
@@ -117,10 +173,11 @@ def _one_line_error(parser: argparse.ArgumentParser):
     return error
 
 
-def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def prepare_parser(parser: argparse.ArgumentParser, command: str = "") -> argparse.ArgumentParser:
     """What every bincounter parser gets: no abbreviations (``--epoch`` is not ``--epochs``),
-    the checks of NUMBER_RULES, one-line usage errors, and help without RST markup.
-    Subcommand parsers too."""
+    the checks of NUMBER_RULES, the names of RENAMED_FLAGS, one-line usage errors, and help
+    without RST markup. Subcommand parsers too (``command`` is e.g. ``"k8s"``)."""
+    _rename_flags(parser, RENAMED_FLAGS.get(command, {}))
     parser.allow_abbrev = False
     parser.error = _one_line_error(parser)
     parser.description, parser.epilog = plain(parser.description), plain(parser.epilog)
@@ -132,8 +189,8 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             if action.type is float and rule in (positive_int, nonnegative_int):
                 continue
             action.type = rule
-    for sub in _subparsers(parser):
-        prepare_parser(sub)
+    for name, sub in _subparsers(parser):
+        prepare_parser(sub, f"{command} {name}".strip())
     return parser
 
 
@@ -181,7 +238,7 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
     """Parse ``argv`` with the module's parser and run its ``main``, errors as one line."""
     debug = errors.debug_enabled()
     module = importlib.import_module(module_name)
-    parser = prepare_parser(module.get_args_parser(add_help=True))
+    parser = prepare_parser(module.get_args_parser(add_help=True), prog.split(" ", 1)[1])
     parser.prog = prog
     if module_name == "bincounter.serving.server":
         import kserve

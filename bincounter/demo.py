@@ -172,7 +172,7 @@ def demo_params(s3_url: str, cfg: dict[str, Any], work_uri: str | None = None) -
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
         # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
         # Half an epoch of warmup, so that one-epoch tuning trials are valid (warmup < epochs).
-        extra_train_args=["--workers", "0", "--warmup-epochs", "0.5"],
+        extra_train_args=["--loader-workers", "0", "--warmup-epochs", "0.5"],
         workers=cfg["processes"], gpus_per_worker=0, tune_trials=cfg["tune_trials"], tune_parallelism=1,
         tune_max_failed_trials=1, tune_epochs=cfg["tune_epochs"], tune_gpus_per_trial=0,
         deploy_model=True, smoke_images=2, spot=False,

@@ -473,4 +473,4 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     from bincounter.cli import prepare_parser
 
-    sys.exit(main(prepare_parser(get_args_parser()).parse_args()))
+    sys.exit(main(prepare_parser(get_args_parser(), "train").parse_args()))

@@ -89,7 +89,7 @@ def check_train_args(args: Sequence[str]) -> None:
 
     from bincounter.cli import prepare_parser
 
-    parser = prepare_parser(get_args_parser(add_help=False))  # no abbreviations, the CLI's value checks
+    parser = prepare_parser(get_args_parser(add_help=False), "train")  # the CLI's names and value checks
     parser.exit_on_error = False
     err = io.StringIO()
     try:
