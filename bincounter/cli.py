@@ -106,6 +106,24 @@ RENAMED_FLAGS: dict[str, dict[str, str]] = {
 }
 
 
+# Where a command's default differs from the pipeline's, --help says so. The pipeline's values
+# (pipeline.py; tests/test_cli.py checks them against pipeline.yaml): (command, flag dest) ->
+# (pipeline parameter, its default).
+PIPELINE_DEFAULTS: dict[tuple[str, str], tuple[str, object]] = {
+    ("train", "pretrained"): ("pretrained", "imagenet"),
+    ("train", "epochs"): ("epochs", 20),
+    ("k8s train", "workers"): ("workers", 2),
+    ("k8s train", "gpus_per_worker"): ("gpus_per_worker", 1),
+    ("k8s tune", "gpus_per_worker"): ("tune_gpus_per_trial", 1),
+    ("k8s tune", "max_trials"): ("tune_trials", 12),
+    ("k8s tune", "parallel_trials"): ("tune_parallelism", 3),
+    ("tune", "trials"): ("tune_trials", 12),
+    ("tune", "parallelism"): ("tune_parallelism", 3),
+    ("split", "short_side"): ("short_side", 320),
+    ("download", "workers"): ("download_workers", 32),
+}
+
+
 class _DeprecatedFlag(argparse.Action):
     """The old spelling of a renamed flag: warns, then acts as the new one."""
 
@@ -183,6 +201,9 @@ def prepare_parser(parser: argparse.ArgumentParser, command: str = "") -> argpar
     parser.description, parser.epilog = plain(parser.description), plain(parser.epilog)
     for action in parser._actions:
         action.help = plain(action.help) if isinstance(action.help, str) else action.help
+        pipeline = PIPELINE_DEFAULTS.get((command, action.dest))
+        if pipeline and action.help not in (None, argparse.SUPPRESS) and pipeline[1] != action.default:
+            action.help += f" [the pipeline's {pipeline[0]} defaults to {pipeline[1]!r}]"
         rule = NUMBER_RULES.get(action.dest)
         if rule is not None and action.type in (int, float) and not action.choices:
             # A float flag keeps accepting floats: only the range comes from the rule.

@@ -43,3 +43,16 @@ def test_k8s_tune_counts_trials_like_the_local_tuner(capsys):
         cli.main(["k8s", "tune", "--help"])
     out = capsys.readouterr().out
     assert "--trials TRIALS" in out and "--parallelism PARALLELISM" in out and "--max-trials" not in out
+
+
+def test_help_shows_where_the_pipeline_default_differs(capsys):
+    from bincounter.submit import DEFAULT_PIPELINE_FILE, pipeline_parameters
+
+    declared = pipeline_parameters(DEFAULT_PIPELINE_FILE)
+    for (command, dest), (param, default) in cli.PIPELINE_DEFAULTS.items():
+        assert declared[param]["default"] == default, (command, param)  # the table follows pipeline.yaml
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[the pipeline's pretrained defaults to 'imagenet']" in out
+    assert "[the pipeline's epochs defaults to 20]" in out
