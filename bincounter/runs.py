@@ -3,18 +3,36 @@
     bincounter runs list --work-uri s3://team-a-bins
     bincounter runs show RUN --work-uri s3://team-a-bins
 
-Every run writes under ``{work_uri}/runs/{run_id}/``: ``split/`` (manifest, class
-distribution and samples plots), ``tune/tuning.json`` (every trial), ``model/`` (the
-model folder, ``metrics.json`` per epoch, ``tensorboard/``) and ``evaluation/``
-(``report.md``, ``metrics.json``, confusion matrix, training curves). Demo runs
+Every run writes under ``{work_uri}/runs/{run_id}/``: ``split.json`` (which split it
+used, under ``{work_uri}/splits/``: manifest, class distribution and samples plots),
+``tune/tuning.json`` (every trial), ``model/`` (the model folder, ``metrics.json`` per
+epoch, ``tensorboard/``), ``evaluation/`` (``report.md``, ``metrics.json``, confusion
+matrix, training curves, predictions, mistakes) and ``succeeded/`` (below; the deploy
+marker records the endpoint). Demo runs
 (``make demo``) and cluster runs have the same layout; ``--work-uri`` is the pipeline's
 ``work_uri`` parameter (a local folder or ``s3://`` prefix).
+
+Success markers: how a pipeline run tells its exit handler that it succeeded.
+
+The exit handler (``components/cleanup.py``) deletes what a failed or cancelled run
+left behind, so it must know how the run ended. KFP can pass that as
+``dsl.PipelineTaskFinalStatus``, but KFP backend 2.5.0 (Kubeflow 1.10.2) refuses to
+compile any task with that input: kubeflow/pipelines
+``backend/src/v2/compiler/argocompiler/dag.go`` at 2.5.0, ``addImplicitDependencies``,
+returns "task final status not supported yet" for a ``taskFinalStatus`` parameter
+(the exit-hook compiler that accepts it arrived in 2.14). One ``pipeline.yaml`` must
+run on 2.5.0 and 2.15.0 (Kubeflow 1.11.0), so the run records its own outcome instead:
+each final step writes ``{work_uri}/runs/{run_id}/succeeded/{step}.json`` as its
+last act, and the exit handler reads the markers. All present: the run succeeded.
+One missing: a step failed or the run was cancelled before it finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
 import sys
 from typing import Any
 
@@ -22,10 +40,37 @@ from bincounter import storage
 from bincounter.errors import UserError
 
 STAGES = ("split", "tune", "model", "evaluation", "deploy")
+FINAL_STEPS = ("evaluate", "deploy")  # the steps that write success markers (components/cleanup.py)
+MARKER_FOLDER = "succeeded"
+
+
+def _check_run_id(run_id: str) -> str:
+    # The run id names a folder in the working store: nothing that could climb out of it.
+    if not re.fullmatch(r"[\w.-]+", run_id or "") or set(run_id) == {"."}:
+        raise ValueError(f"Invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' only.")
+    return run_id
+
+
+def marker_uri(work_uri: str, run_id: str, step: str) -> str:
+    return storage.join(work_uri, "runs", _check_run_id(run_id), MARKER_FOLDER, f"{step}.json")
+
+
+def mark_succeeded(work_uri: str, run_id: str, step: str, **details) -> str:
+    """Record that ``step`` of ``run_id`` finished; call it as the step's last act. Returns the marker's URI."""
+    uri = marker_uri(work_uri, run_id, step)
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    storage.write_bytes(uri, json.dumps({"run_id": run_id, "step": step, "finished": finished,
+                                         **details}, indent=2).encode())
+    return uri
+
+
+def missing_markers(work_uri: str, run_id: str, steps: list[str] | tuple[str, ...]) -> list[str]:
+    """The steps of ``steps`` that have not recorded success for ``run_id`` (empty: the run succeeded)."""
+    return [step for step in steps if not storage.exists(marker_uri(work_uri, run_id, step))]
 
 
 def run_dir(work_uri: str, run_id: str) -> str:
-    return storage.join(work_uri, "runs", run_id)
+    return storage.join(work_uri, "runs", _check_run_id(run_id))
 
 
 def _json(uri: str) -> dict | None:
@@ -40,6 +85,8 @@ def _stages(work_uri: str, run_id: str) -> tuple[list[str], str | None]:
     split = pointer["uri"] if pointer else (storage.join(root, "split") if "split" in present else None)
     if split:
         present.add("split")
+    if storage.exists(marker_uri(work_uri, run_id, "deploy")):
+        present.add("deploy")
     return [s for s in STAGES if s in present], split
 
 
@@ -81,7 +128,7 @@ def show_run(work_uri: str, run_id: str) -> dict[str, Any]:
         "model_uri": model if "model" in present else None,
         "tensorboard": storage.join(model, "tensorboard") if "model" in present else None,
         "plots": plots,
-        "deployment": _json(storage.join(root, "deploy", "deployment.json")),
+        "deployment": _json(marker_uri(work_uri, run_id, "deploy")),
     }
 
 

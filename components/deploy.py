@@ -47,22 +47,21 @@ def deploy(
         deadline_minutes: Give up after this long waiting for readiness.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         s3_secret: Secret with the S3 credentials, for KServe's storage initializer.
+        work_uri: Working store prefix, for the run's success marker (empty: no marker), which
+            records the endpoint (``bincounter runs show`` prints it).
 
     Returns:
         endpoint: Base URL of the model server.
         handle: The local server's process id, or the InferenceService name.
         predictions: One ``{"id", "true_count", "count", "confidence"}`` per smoke-test image.
 
-        work_uri: Working store prefix; when set, the endpoint is recorded in
-            ``{work_uri}/runs/{run_id}/deploy/deployment.json`` (``bincounter runs show`` prints it).
     Raises:
         RuntimeError: The endpoint did not answer the smoke-test request.
     """
-    import json
     import os
     from collections import namedtuple
 
-    from bincounter import engines, storage
+    from bincounter import engines, runs
     from bincounter.data import shards as shards_lib
     from bincounter.serving import client
 
@@ -82,11 +81,6 @@ def deploy(
                                        max_replicas=max_replicas, s3_secret=s3_secret,
                                        deadline_s=deadline_minutes * 60)
     print(f"serving {model_name} at {deployment.url}")
-    if work_uri:
-        record = {"endpoint": deployment.url, "model_name": model_name, "engine": engine, "handle": deployment.handle,
-                  "model_uri": model.metadata.get("uri", model.path)}
-        storage.write_bytes(storage.join(work_uri, "runs", run_id, "deploy", "deployment.json"),
-                            json.dumps(record, indent=2).encode())
     predictions = []
     if smoke_images > 0:
         data = shards.metadata.get("uri") or shards.path
@@ -107,4 +101,7 @@ def deploy(
             predictions.append({"id": s.id, "true_count": s.count, "count": r.count,
                                 "confidence": round(r.confidence, 4)})
             print(f"bin {s.id}: predicted {r.count} (confidence {r.confidence:.2f}), true {s.count}")
+    if work_uri:  # last: the exit handler reads it as "deploy finished" (bincounter/runs.py)
+        runs.mark_succeeded(work_uri, run_id, "deploy", endpoint=deployment.url, model_name=model_name,
+                            engine=engine, handle=deployment.handle, model_uri=model.metadata.get("uri", model.path))
     return namedtuple("Outputs", ["endpoint", "handle", "predictions"])(deployment.url, deployment.handle, predictions)

@@ -51,7 +51,8 @@ def evaluate(
         batch_size: Images per forward pass.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         work_uri: Working store prefix; with ``run_id``, the report, metrics and plots are also
-            written to ``{work_uri}/runs/{run_id}/evaluation`` (``bincounter runs show`` reads them there).
+            written to ``{work_uri}/runs/{run_id}/evaluation`` (``bincounter runs show`` reads them
+            there), and the run's success marker last (empty: neither).
         run_id: The pipeline run id.
         currency: Currency of ``price_per_gpu_hour``, shown in the report.
     """
@@ -63,6 +64,7 @@ def evaluate(
     from bincounter import evaluate as evaluate_lib
     from bincounter import plots, storage
     from bincounter import report as report_lib
+    from bincounter import runs
     from bincounter.data import shards as shards_lib
 
     start = time.monotonic()
@@ -106,3 +108,5 @@ def evaluate(
     metrics.metadata["seconds"] = round(time.monotonic() - start, 2)
     print(evaluate_lib.summary_line(result))
     print(json.dumps({k: result[k] for k in ("class_names", "confusion_matrix")}))
+    if work_uri:  # last: the exit handler reads it as "evaluate finished" (bincounter/runs.py)
+        runs.mark_succeeded(work_uri, run_id, "evaluate")

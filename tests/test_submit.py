@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bincounter import submit
+from bincounter import runs, submit
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 
@@ -210,10 +210,9 @@ def test_wait_streams_step_states_then_prints_the_report_model_and_endpoint(kfp_
     run = tmp_path / "work" / "runs" / "r-1"
     (run / "evaluation").mkdir(parents=True)
     (run / "model").mkdir()
-    (run / "deploy").mkdir()
     (run / "evaluation" / "report.md").write_text("# bincounter run report\n\n## Test metrics\n")
-    (run / "deploy" / "deployment.json").write_text(json.dumps({"endpoint": "http://bincounter.team-a.example",
-                                                                "engine": "kubernetes"}))
+    runs.mark_succeeded(str(tmp_path / "work"), "r-1", "deploy", endpoint="http://bincounter.team-a.example",
+                        engine="kubernetes")
     code, out, err = _wait(kfp_api, tmp_path, monkeypatch, capsys, [
         _run("PENDING"),
         _run("RUNNING", ("download", "RUNNING", "")),
