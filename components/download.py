@@ -20,7 +20,6 @@ def download(
     s3_endpoint_url: str = "",
     split_uri: str = "",
     refresh: bool = False,
-    extra_train_args: list = [],
 ):
     """Download the selected bins to ``{work_uri}/abid`` (resumable: a rerun fetches only what changed).
 
@@ -32,9 +31,7 @@ def download(
     artifact holds the manifest and summary and records in ``metadata`` where
     the images (``uri``) and this selection's manifest (``manifest``) are.
 
-    As the pipeline's first step, it also checks ``extra_train_args`` (a typo
-    fails here, in seconds, instead of after download and split). With
-    ``split_uri`` set, the run starts from that existing split: nothing is downloaded.
+    With ``split_uri`` set, the run starts from that existing split: nothing is downloaded.
 
     Args:
         raw: Output. The download manifest and summary; ``metadata['uri']`` is the dataset prefix.
@@ -51,7 +48,6 @@ def download(
             (``AWS_ENDPOINT_URL`` from the S3 Secret on a cluster).
         split_uri: An existing split (folder written by ``bincounter split``); set, this step does nothing.
         refresh: Download again even when this selection was downloaded before.
-        extra_train_args: The run's extra ``bincounter train`` flags, checked here first.
 
     Raises:
         ValueError: A bad selection (negative limit, unknown auth mode).
@@ -61,12 +57,10 @@ def download(
     import os
     import time
 
-    from bincounter import engines, storage
+    from bincounter import storage
     from bincounter.data import download as download_lib
 
     start = time.monotonic()
-    if extra_train_args:
-        engines.check_train_args([str(a) for a in extra_train_args])
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
     os.makedirs(raw.path, exist_ok=True)

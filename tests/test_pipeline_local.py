@@ -49,7 +49,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
     run_dir, outputs, seconds = run_local_pipeline(tmp_path / "root", **_params(s3_endpoint, buckets))
     deployed = outputs["deploy"]["parameterValues"]
     try:
-        assert set(outputs) == {"download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
+        assert set(outputs) == {"check", "download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
         assert set(seconds) >= {"download", "split", "tune", "train", "evaluate", "deploy"}
 
         # download -> split: every synthetic bin landed in exactly one split, in the working store.
@@ -110,7 +110,6 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         assert len(answer.probabilities) == TINY["max_count"] + 1
 
         # The exit handler read the success markers that evaluate and deploy left, and stopped nothing.
-        run_id = shards["metadata"]["uri"].split("/runs/", 1)[1].split("/")[0]
         assert runs.missing_markers(f"s3://{buckets['work']}", run_id, ["evaluate", "deploy"]) == []
     finally:
         local_engine.stop_server(deployed["handle"])
@@ -121,10 +120,10 @@ def test_a_failed_run_fails_with_the_reason_and_runs_the_exit_handler(s3_endpoin
                                                                       capfd):
     monkeypatch.setenv("BINCOUNTER_STATE_DIR", str(tmp_path / "state"))
     synthesize(f"s3://{buckets['source']}", images=30, max_count=TINY["max_count"], seed=TINY["seed"])
-    # A misspelled training flag: the tune step (which kfp does not retry) must fail before any
-    # trial starts, name the flag, and the exit handler must still run, seeing the failure.
+    # A misspelled training flag: the first step (the preflight, which kfp does not retry) must fail
+    # before anything is downloaded, name the flag, and the exit handler must still run, seeing the failure.
     params = _params(s3_endpoint, buckets, extra_train_args=["--wrokers", "0"])
-    with pytest.raises(RuntimeError, match="tune"):
+    with pytest.raises(RuntimeError, match="check"):
         run_local_pipeline(tmp_path / "root", **params)
     out = capfd.readouterr().out
     assert "Unknown training arguments ['--wrokers', '0']" in out
@@ -132,4 +131,4 @@ def test_a_failed_run_fails_with_the_reason_and_runs_the_exit_handler(s3_endpoin
     assert "failed or cancelled (not finished: evaluate, deploy); cleaning up" in out
     [run_dir] = [p for p in (tmp_path / "root").iterdir() if p.is_dir()]
     assert (run_dir / "cleanup" / "executor_output.json").is_file()
-    assert not (run_dir / "train").exists()
+    assert not (run_dir / "train").exists() and not (run_dir / "download").exists()
