@@ -73,8 +73,8 @@ def silent_server():
 # ---------------------------------------------------------------- missing inputs
 
 @pytest.mark.parametrize("argv, needle", [
-    (["split", "{missing}", "--out", "{tmp}/out"], "source folder {missing} does not exist"),
-    (["download", "--source", "{missing}", "--dest", "{tmp}/dl"], "--source folder {missing} does not exist"),
+    (["split", "{missing}", "--output", "{tmp}/out"], "source folder {missing} does not exist"),
+    (["download", "--source", "{missing}", "--output", "{tmp}/dl"], "--source folder {missing} does not exist"),
     (["train", "--data", "{missing}", "--output", "{tmp}/m"], "No manifest.json under {missing}"),
     (["evaluate", "--model", "{missing}", "--data", "{missing}"], "model folder {missing}"),
 ])
@@ -119,9 +119,9 @@ def _write_model(folder: Path):
 
 @pytest.mark.parametrize("argv", [
     ["synth", "s3://{bucket}/bins", "--images", "2"],
-    ["download", "--source", "s3://{bucket}", "--dest", "{tmp}/dl", "--auth", "signed"],
-    ["split", "s3://{bucket}/abid", "--out", "{tmp}/split"],
-    ["download", "--source", "{tmp}", "--dest", "s3://{bucket}/abid"],
+    ["download", "--source", "s3://{bucket}", "--output", "{tmp}/dl", "--auth", "signed"],
+    ["split", "s3://{bucket}/abid", "--output", "{tmp}/split"],
+    ["download", "--source", "{tmp}", "--output", "s3://{bucket}/abid"],
 ])
 def test_a_missing_bucket_is_named(capsys, tmp_path, s3_endpoint, argv):
     bucket = "no-such-bucket-for-bincounter"
@@ -152,8 +152,8 @@ def test_no_credentials_says_how_to_provide_them(capsys, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- invalid numbers: usage errors, exit 2
 
 @pytest.mark.parametrize("argv, needle", [
-    (["split", "{tmp}", "--out", "{tmp}/s", "--val", "0.9", "--test", "0.9"], "val + test < 1"),
-    (["split", "{tmp}", "--out", "{tmp}/s", "--val", "1.5"], "argument --val: must be in [0, 1)"),
+    (["split", "{tmp}", "--output", "{tmp}/s", "--val", "0.9", "--test", "0.9"], "val + test < 1"),
+    (["split", "{tmp}", "--output", "{tmp}/s", "--val", "1.5"], "argument --val: must be in [0, 1)"),
     (["train", "--data", "{tmp}", "--output", "{tmp}/m", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["train", "--data", "{tmp}", "--output", "{tmp}/m", "--batch-size", "0"], "argument --batch-size"),
     (["train", "--data", "{tmp}", "--output", "{tmp}/m", "--shuffle-buffer", "-1"], "argument --shuffle-buffer"),
@@ -237,14 +237,14 @@ def test_an_unwritable_checkpoint_dir_fails_before_the_first_epoch(capsys, tmp_p
 def test_download_checks_its_destination_before_fetching(capsys, tmp_path, synthetic_abid):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, err = run_cli(capsys, "download", "--source", synthetic_abid, "--dest", str(blocker / "dl"),
+    code, err = run_cli(capsys, "download", "--source", synthetic_abid, "--output", str(blocker / "dl"),
                         "--no-progress")
     assert code == 1
-    assert_one_error_line(err, f"--dest {blocker / 'dl'} is not writable")
+    assert_one_error_line(err, f"--output {blocker / 'dl'} is not writable")
 
 
 def test_split_refuses_an_empty_val_set(capsys, tmp_path, synthetic_abid):
-    code, err = run_cli(capsys, "split", synthetic_abid, "--out", str(tmp_path / "s"), "--val", "0")
+    code, err = run_cli(capsys, "split", synthetic_abid, "--output", str(tmp_path / "s"), "--val", "0")
     assert code == 1
     assert_one_error_line(err, "val split would be empty")
     assert not (tmp_path / "s").exists()
@@ -315,8 +315,9 @@ def test_a_host_that_never_answers_times_out_and_is_named(capsys, tmp_path, sile
 
 # ---------------------------------------------------------------- the framework itself
 
-def test_debug_shows_the_traceback(capsys, tmp_path):
-    code, err = run_cli(capsys, "--debug", "split", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(errors.DEBUG_ENV, "0")  # --debug sets it (for child processes): undone after the test
+    code, err = run_cli(capsys, "--debug", "split", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
     assert code == 1 and "Traceback" in err
 
 

@@ -226,7 +226,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         raise ValueError(f"--limit and --max-count must be >= 0, got {limit} and {max_count}")
     # Checked before any object is fetched: a wrong path costs seconds, not a whole download.
     storage.check_folder(source, what="--source folder")
-    storage.check_writable(dest, endpoint_url=dest_endpoint_url, what="--dest")
+    storage.check_writable(dest, endpoint_url=dest_endpoint_url, what="--output")
     unsigned = resolve_unsigned(auth) if storage.is_s3(source) else False
     store = _Store(source, dest, endpoint_url, unsigned, dest_endpoint_url)
     partials = _clean_partials(dest)
