@@ -215,7 +215,8 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             local_engine.stop_server(deployed["handle"])
 
     metrics = outputs["evaluate"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    report = Path(outputs["evaluate"]["artifacts"]["report"]["artifacts"][0]["uri"])
+    model_uri = outputs["train"]["artifacts"]["model"]["artifacts"][0]["metadata"]["uri"]  # {work}/runs/{id}/model
+    report = Path(model_uri).parent / "evaluation" / "report.md"  # kept with the run in the working store
     summary = {
         "seconds": {"synthesize": round(synth_seconds, 1), **{k: round(v, 1) for k, v in seconds.items()},
                     "total": round(time.monotonic() - t0, 1)},
@@ -226,8 +227,7 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "predictions": [{"id": p.image, "count": p.count, "confidence": round(p.confidence, 3), "true_count": c}
                         for p, c in zip(predictions, truth)],
         "report": str(report), "run_dir": str(run_dir), "summary": str(output / "summary.json"),
-        "work_uri": work_uri, "run_id": Path(split_uri).parent.name,
-        "model_uri": outputs["train"]["artifacts"]["model"]["artifacts"][0]["metadata"]["uri"],
+        "work_uri": work_uri, "run_id": Path(model_uri).parent.name, "model_uri": model_uri,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

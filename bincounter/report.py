@@ -78,7 +78,7 @@ def render_markdown(*, split_manifest: Mapping[str, Any], best_params: Mapping[s
         names = sorted({k for t in trials for k in (t.get("params") or {})})
         out += ["## Tuning trials", ""]
         out += _table(["trial", "state", "val-accuracy", *names],
-                      [(t.get("name", i), t.get("state", ""), _fmt(t["value"]) if t.get("value") is not None else "",
+                      [(t.get("name", t.get("number", i)), t.get("state", ""), _fmt(t["value"]) if t.get("value") is not None else "",
                         *[_fmt((t.get("params") or {}).get(n, "")) for n in names]) for i, t in enumerate(trials)])
         out += [""]
     for caption, src in (images or {}).items():

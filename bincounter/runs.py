@@ -141,9 +141,11 @@ def print_list(rows: list[dict[str, Any]], work_uri: str) -> None:
         print(f"no runs under {storage.join(work_uri, 'runs')}")
         return
     width = max(len(r["run"]) for r in rows)
-    print(f"{'run':<{width}}  {'stages':<28}  accuracy  macro-F1")
+    stages = max(len("stages"), *(len(",".join(r["stages"])) for r in rows))
+    print(f"{'run':<{width}}  {'stages':<{stages}}  accuracy  macro-F1")
     for r in rows:
-        print(f"{r['run']:<{width}}  {','.join(r['stages']):<28}  {_fmt(r['accuracy']):>8}  {_fmt(r['macro_f1']):>8}")
+        print(f"{r['run']:<{width}}  {','.join(r['stages']):<{stages}}  {_fmt(r['accuracy']):>8}  "
+              f"{_fmt(r['macro_f1']):>8}")
 
 
 def print_show(info: dict[str, Any]) -> None:
@@ -164,7 +166,7 @@ def print_show(info: dict[str, Any]) -> None:
         print("  " + "  ".join(["trial".ljust(12), "state".ljust(9), "value".rjust(7), *names]))
         for t in info["trials"]:
             params = t.get("params") or {}
-            print("  " + "  ".join([str(t.get("name", "")).ljust(12), str(t.get("state", "")).ljust(9),
+            print("  " + "  ".join([str(t.get("name", t.get("number", ""))).ljust(12), str(t.get("state", "")).ljust(9),
                                     _fmt(t.get("value")).rjust(7), *[_fmt(params.get(n)) for n in names]]))
     if info["report"]:
         print(f"\n--- {info['report_uri']} ---\n")
