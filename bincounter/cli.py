@@ -265,6 +265,8 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
         import kserve
 
         group_foreign_flags(parser, kserve.model_server.parser, "KServe model server flags")
+        # argparse's usage line would list KServe's dozen flags before ours.
+        parser.usage = "%(prog)s [--model DIR] [--model-name NAME] [--port PORT] [OPTIONS] (all in --help)"
     args = parser.parse_args(argv)  # bad usage: argparse prints usage + one error line, exits 2
     try:
         return int(module.main(args) or 0)
