@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from bincounter import augment as augment_lib
 from bincounter import distributed as dist_utils
 from bincounter import model as model_lib
 from bincounter import errors, presets, storage
@@ -73,8 +74,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0 at the last epoch
     input_size: int = 224
-    resize_size: int = 0  # resize the whole image to this square, then crop input_size (0: = input_size)
+    resize_size: int = 0  # eval: resize the whole image to this square, then centre-crop input_size (0: = input_size)
     workers: int = 4  # DataLoader worker processes per rank
+    augment: str = "trivial"  # photometric policy, run batch-wise on the device (bincounter/augment.py)
+    gpu_decode: str = "auto"  # auto: nvJPEG on the training GPU under CUDA; off: decode in the workers
     shuffle_buffer: int = 1000  # samples per worker shuffled on the fly (shard order is shuffled too)
     seed: int = 0
     device: str = "auto"
@@ -91,6 +94,11 @@ class TrainConfig:
             raise ValueError("Both data (a split folder) and output (the model folder) are required")
         if self.arch not in model_lib.ARCHITECTURES:
             raise ValueError(f"Invalid arch {self.arch!r}. Only {', '.join(model_lib.ARCHITECTURES)} are supported.")
+        if self.augment not in augment_lib.POLICIES:
+            raise ValueError(f"Invalid augment {self.augment!r}. Only {', '.join(augment_lib.POLICIES)} are supported.")
+        if self.gpu_decode not in presets.GPU_DECODE_CHOICES:
+            raise ValueError(f"Invalid gpu_decode {self.gpu_decode!r}. "
+                             f"Only {', '.join(presets.GPU_DECODE_CHOICES)} are supported.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer {self.optimizer!r}. Only {', '.join(OPTIMIZERS)} are supported.")
         for name in ("epochs", "batch_size", "max_count", "print_freq"):
@@ -148,7 +156,7 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: TrainConfig,
-                    steps_per_epoch: int | None, profiler=None) -> dict[str, float]:
+                    steps_per_epoch: int | None, profiler=None, device_transform=None) -> dict[str, float]:
     """One pass over this rank's share of the training data. Returns the epoch's metrics, over all ranks.
 
     Ranks may hold different numbers of samples. Every step the ranks agree (one tiny all-reduce)
@@ -176,7 +184,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         progress = epoch + (min((step - 1) / steps_per_epoch, 0.999) if steps_per_epoch else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_epochs, cfg.epochs)
-        images = images.to(device, non_blocking=True)
+        # Workers ship uint8; augmentation, float conversion and normalisation happen here, batch-wise.
+        images = device_transform(images, device) if device_transform else images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -317,8 +326,12 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     manifest = shards.read_manifest(cfg.data)
     if main_process:  # before the first epoch, not when the first checkpoint is due
         storage.check_writable(checkpoint_uri.rsplit("/", 1)[0], what="--checkpoint-dir")
+    gpu_decode = presets.use_gpu_decode(cfg.gpu_decode, device)  # then workers ship JPEG bytes, decoded on the GPU
+    device_transform = presets.train_device_transform(model_cfg.mean, model_cfg.std, cfg.augment,
+                                                      cfg.input_size if gpu_decode else None, cfg.seed,
+                                                      env.rank).to(device)
     train_set = ShardDataset(shards.shard_uris(cfg.data, "train"),
-                             presets.train_transform(cfg.input_size, model_cfg.mean, model_cfg.std, cfg.resize_size),
+                             None if gpu_decode else presets.train_transform(cfg.input_size),
                              cfg.max_count, cfg.k_or_more, env.rank, env.world_size, cfg.shuffle_buffer, cfg.seed)
     val_set = ShardDataset(shards.shard_uris(cfg.data, cfg.val_split),
                            presets.eval_transform(cfg.input_size, cfg.resize_size, model_cfg.mean, model_cfg.std),
@@ -365,9 +378,10 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     for epoch in range(start_epoch, cfg.epochs):
         seed_all(cfg.seed, epoch, env.rank)
         train_set.set_epoch(epoch)
+        device_transform.set_epoch(epoch)
         with _maybe_profile(cfg, epoch == start_epoch, env.rank) as profiler:
             row = train_one_epoch(ddp_model, train_loader, criterion, optimizer, scaler, device, epoch, cfg,
-                                  steps_per_epoch, profiler)
+                                  steps_per_epoch, profiler, device_transform)
         dist_utils.broadcast_buffers(model)  # BatchNorm statistics of rank 0 (the checkpointed ones) everywhere
         val = validate(model, val_loader, device, model_cfg.num_classes, model_cfg.class_names)
         row.update({f"val-{k}": val[k] for k in ("loss", "accuracy", "rmse", "mae", "within1", "macro_f1")})
@@ -441,9 +455,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--label-smoothing", "label smoothing of the training loss")
     add("--warmup-epochs", "epochs of linear warmup before the cosine decay")
     add("--input-size", "training and eval crop size in pixels")
-    add("--resize-size", "resize whole images to this square, then crop --input-size (random crop in "
-                         "training, centre crop in eval); 0 means --input-size, no crop")
+    add("--resize-size", "eval: resize whole images to this square, then centre-crop --input-size; 0 means "
+                         "--input-size, no crop. Training never crops: it resizes the whole image to --input-size")
     add("--workers", "DataLoader worker processes per rank")
+    add("--augment", "photometric augmentation, batch-wise on the device: trivial (TrivialAugmentWide's "
+                     "photometric ops), jitter (ColorJitter 0.2) or none", choices=augment_lib.POLICIES)
+    add("--gpu-decode", "auto: decode JPEGs on the GPU (nvJPEG) when training on CUDA; off: in the workers",
+        choices=presets.GPU_DECODE_CHOICES)
     add("--shuffle-buffer", "samples per worker in the shuffle buffer (0: no shuffling)")
     add("--seed", "random seed (data order, augmentation, initialisation)")
     add("--device", "where to train: auto picks cuda:LOCAL_RANK when a GPU is visible", choices=("auto", "cpu", "cuda"))

@@ -15,7 +15,8 @@ def split(
     val: float = 0.1,
     test: float = 0.1,
     seed: int = 0,
-    short_side: int = 320,
+    short_side: int = 0,
+    input_size: int = 224,
     shard_size: int = 1000,
     workers: int = 8,
     s3_endpoint_url: str = "",
@@ -42,7 +43,9 @@ def split(
         val: Validation fraction per class.
         test: Test fraction per class.
         seed: Assignment and shard-order seed.
-        short_side: Images are resized so their short side is this many pixels.
+        short_side: Images are resized so their short side is this many pixels; 0 follows ``input_size``.
+        input_size: The model input the shards are for: the trainer reads each whole image at this
+            size, so a larger short side only costs decode time.
         shard_size: Samples per shard.
         workers: Parallel image readers and resizers.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
@@ -53,7 +56,7 @@ def split(
     import os
     import time
 
-    from bincounter import storage
+    from bincounter import presets, storage
     from bincounter.data import download as download_lib
     from bincounter.data import shards as shards_lib
     from bincounter.data import split as split_lib
@@ -72,6 +75,7 @@ def split(
         # it names exactly this run's bins (the shared folder may hold more from other runs).
         source = raw.metadata.get("manifest") or storage.join(raw.metadata.get("uri") or raw.path,
                                                               download_lib.MANIFEST)
+        short_side = short_side or presets.short_side_for(input_size)
         settings = {"val": val, "test": test, "seed": seed, "short_side": short_side, "shard_size": shard_size,
                     "format": split_lib.FORMAT}
         digest = hashlib.sha256(storage.read_bytes(source) + json.dumps(settings, sort_keys=True).encode())
