@@ -119,7 +119,6 @@ PIPELINE_DEFAULTS: dict[tuple[str, str], tuple[str, object]] = {
     ("k8s tune", "parallel_trials"): ("tune_parallelism", 3),
     ("tune", "trials"): ("tune_trials", 12),
     ("tune", "parallelism"): ("tune_parallelism", 3),
-    ("split", "short_side"): ("short_side", 320),
     ("download", "workers"): ("download_workers", 32),
 }
 
