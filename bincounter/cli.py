@@ -81,7 +81,7 @@ def port(text: str) -> int:
 NUMBER_RULES = {
     "epochs": positive_int, "batch_size": positive_int, "max_batch_size": positive_int,
     "max_image_pixels": positive_int, "max_image_bytes": positive_int, "images": positive_int,
-    "shard_size": positive_int, "short_side": positive_int, "max_count": positive_int,
+    "shard_size": positive_int, "short_side": nonnegative_int, "max_count": positive_int,
     "trials": positive_int, "parallelism": positive_int, "max_trials": positive_int,
     "parallel_trials": positive_int, "max_failed_trials": nonnegative_int, "nproc_per_node": positive_int,
     "shuffle_buffer": nonnegative_int, "print_freq": positive_int, "torch_threads": nonnegative_int,
