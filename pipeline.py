@@ -65,6 +65,8 @@ def bincounter_pipeline(
     file_list: str = "",
     limit: int = 0,
     download_workers: int = 32,
+    refresh_download: bool = False,
+    split_uri: str = "",
     max_count: int = 5,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
@@ -109,14 +111,14 @@ def bincounter_pipeline(
         # First: the preflight stops a run that cannot work, with its table of checks. No S3 env:
         # a missing Secret must show in the table, not keep the pod from starting.
         check_task = check(engine=engine, namespace=namespace, s3_secret=s3_secret, use_trainjob=use_trainjob,
-                           tune_trials=tune_trials, deploy_model=deploy_model)
+                           tune_trials=tune_trials, deploy_model=deploy_model, extra_train_args=extra_train_args)
         check_task.set_caching_options(False)
         kubernetes.add_node_selector_json(check_task, step_node_selector)
         kubernetes.add_toleration_json(check_task, step_tolerations)
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
             file_list=file_list, max_count=max_count, limit=limit, workers=download_workers,
-            s3_endpoint_url=s3_endpoint_url), **on_cluster)
+            s3_endpoint_url=s3_endpoint_url, split_uri=split_uri, refresh=refresh_download), **on_cluster)
         download_task.after(check_task)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
@@ -125,7 +127,7 @@ def bincounter_pipeline(
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
             test=test_fraction, seed=split_seed, short_side=short_side, input_size=input_size, shard_size=shard_size,
-            s3_endpoint_url=s3_endpoint_url),
+            s3_endpoint_url=s3_endpoint_url, split_uri=split_uri),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
         split_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")

@@ -2,6 +2,7 @@
 
 1. start a local S3 endpoint (moto in server mode, a real S3 API on localhost);
 2. write synthetic bins in the ABID layout into a bucket there (standing in for ``s3://aft-vbi-pds``);
+   the working store (``work_uri``) is a folder on disk, ``demo-output/work``, kept after the demo;
 3. run the compiled pipeline's own function (``pipeline.py``) with ``engine=local``:
    download -> split -> tune (optuna, short trials) -> train (torchrun, 2 processes)
    -> evaluate -> deploy (the KServe model server as a local process);
@@ -158,16 +159,20 @@ def run_local_pipeline(pipeline_root: str | Path, **params) -> tuple[Path, dict[
     return new[0], task_outputs(new[0]), timer.seconds
 
 
-def demo_params(s3_url: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline parameters for a local run against the demo's S3 endpoint."""
+def demo_params(s3_url: str, cfg: dict[str, Any], work_uri: str | None = None) -> dict[str, Any]:
+    """Pipeline parameters for a local run reading the source bucket from the demo's S3 endpoint.
+
+    ``work_uri`` is the working store (download, split, trials, model, evaluation); the demo
+    keeps it on disk, so that everything the run reports still exists after the demo exits.
+    """
     return dict(
-        engine="local", work_uri=f"s3://{WORK_BUCKET}", s3_endpoint_url=s3_url,
+        engine="local", work_uri=work_uri or f"s3://{WORK_BUCKET}", s3_endpoint_url=s3_url,
         source=f"s3://{SOURCE_BUCKET}", source_endpoint_url=s3_url, source_auth="signed",
         download_workers=8, max_count=cfg["max_count"], split_seed=cfg["seed"], short_side=cfg["short_side"],
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
         # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
         # Half an epoch of warmup, so that one-epoch tuning trials are valid (warmup < epochs).
-        extra_train_args=["--workers", "0", "--warmup-epochs", "0.5"],
+        extra_train_args=["--loader-workers", "0", "--warmup-epochs", "0.5"],
         workers=cfg["processes"], gpus_per_worker=0, tune_trials=cfg["tune_trials"], tune_parallelism=1,
         tune_max_failed_trials=1, tune_epochs=cfg["tune_epochs"], tune_gpus_per_trial=0,
         deploy_model=True, smoke_images=2, spot=False,
@@ -186,15 +191,15 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     os.environ["BINCOUNTER_STATE_DIR"] = str(output / "state")
     t0 = time.monotonic()
     with local_s3() as s3_url:
-        for bucket in (SOURCE_BUCKET, WORK_BUCKET):
-            storage.s3_client().create_bucket(Bucket=bucket)
+        storage.s3_client().create_bucket(Bucket=SOURCE_BUCKET)
         t = time.monotonic()
         synthesize(f"s3://{SOURCE_BUCKET}", images=cfg["images"], max_count=cfg["max_count"], seed=cfg["seed"])
         synth_seconds = time.monotonic() - t
         print(f"[demo] {cfg['images']} synthetic bins in s3://{SOURCE_BUCKET} at {s3_url} ({synth_seconds:.1f} s)",
               flush=True)
 
-        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg))
+        work_uri = str((output / "work").resolve())
+        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg, work_uri))
         split_uri = outputs["split"]["artifacts"]["shards"]["artifacts"][0]["metadata"]["uri"]
         split_table = split_summary_text(read_manifest(split_uri))
         deployed = outputs["deploy"]["parameterValues"]
@@ -210,7 +215,8 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             local_engine.stop_server(deployed["handle"])
 
     metrics = outputs["evaluate"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    report = Path(outputs["evaluate"]["artifacts"]["report"]["artifacts"][0]["uri"])
+    model_uri = outputs["train"]["artifacts"]["model"]["artifacts"][0]["metadata"]["uri"]  # {work}/runs/{id}/model
+    report = Path(model_uri).parent / "evaluation" / "report.md"  # kept with the run in the working store
     summary = {
         "seconds": {"synthesize": round(synth_seconds, 1), **{k: round(v, 1) for k, v in seconds.items()},
                     "total": round(time.monotonic() - t0, 1)},
@@ -221,6 +227,7 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "predictions": [{"id": p.image, "count": p.count, "confidence": round(p.confidence, 3), "true_count": c}
                         for p, c in zip(predictions, truth)],
         "report": str(report), "run_dir": str(run_dir), "summary": str(output / "summary.json"),
+        "work_uri": work_uri, "run_id": Path(model_uri).parent.name, "model_uri": model_uri,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -245,6 +252,9 @@ def print_summary(summary: dict[str, Any], cfg: dict[str, Any]) -> None:
     for p in summary["predictions"]:
         print(f"  bin {p['id']}: counted {p['count']} (confidence {p['confidence']:.2f}), true {p['true_count']}")
     print(f"\nRun report: {summary['report']}")
+    print(f"Model: {summary['model_uri']}  (serve it again: bincounter serve --model {summary['model_uri']})")
+    print(f"TensorBoard: tensorboard --logdir {summary['model_uri']}/tensorboard")
+    print(f"Inspect the run: bincounter runs show {summary['run_id']} --work-uri {summary['work_uri']}")
     print(f"Every task's outputs: {summary['run_dir']}; this summary: {summary['summary']}")
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bincounter import storage
+from bincounter import plots, predictions, storage
 
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -80,39 +80,17 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: i
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
-    """The confusion matrix as a PNG (rows: true count, columns: predicted), each cell annotated."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in pods
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(class_names), 0.8 + 0.7 * len(class_names)), dpi=100)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted count")
-    ax.set_ylabel("true count")
-    if title:
-        ax.set_title(title)
-    threshold = cm.max() / 2 if cm.size else 0
-    for (t, p), v in np.ndenumerate(cm):
-        ax.text(p, t, str(v), ha="center", va="center", color="white" if v > threshold else "black", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    """The confusion matrix as a PNG: counts and the recall view, with colour bars (bincounter.plots)."""
+    return plots.confusion(cm, class_names, title)
 
 
 def evaluate(model_dir: str, data: str, split: str = "test", output: str | None = None, *,
-             batch_size: int = 64, workers: int = 2, device: str = "auto") -> dict:
+             batch_size: int = 64, workers: int = 2, device: str = "auto", progress: bool = False) -> dict:
     """Run the model folder over one split of a split folder and return its metrics.
 
     With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json`` and
-    ``confusion_matrix.png`` there. Samples above the model's K are dropped, or
+    ``confusion_matrix.png`` there, and the per-image ``predictions.csv`` and ``mistakes.png``
+    (bincounter.predictions). ``progress`` shows a progress bar with the total. Samples above the model's K are dropped, or
     mapped to the last class when the model was trained with ``k_or_more``, as in training.
     """
     import torch
@@ -120,7 +98,9 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     from bincounter import distributed, model as model_lib, presets
     from bincounter.data import shards
     # Imported here: train imports this module's metric functions at its top.
-    from bincounter.data.loader import ShardDataset, make_loader
+    from tqdm import tqdm
+
+    from bincounter.data.loader import ShardDataset, count_samples, make_loader
 
     dev = distributed.select_device(device, distributed.DistEnv())
     net, cfg = model_lib.load_model_dir(model_dir, device=dev)
@@ -131,8 +111,11 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
                            max_count=cfg.max_count, k_or_more=cfg.k_or_more)
     loader = make_loader(dataset, batch_size, workers, dev)
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
-    with torch.inference_mode():
+    total = count_samples(shards.read_manifest(data), split, cfg.max_count, cfg.k_or_more)
+    bar = tqdm(total=total, unit="img", desc=f"evaluate ({split})", disable=not progress)
+    with torch.inference_mode(), bar:
         for images, targets in loader:
+            bar.update(len(targets))
             images = images.to(dev, non_blocking=True)
             if dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -143,7 +126,8 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
-                            plot_confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+                            plots.confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+        predictions.write_predictions(model_dir, data, output, split, batch_size=batch_size, progress=progress)
     return metrics
 
 
@@ -159,17 +143,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder written by `bincounter train` (folder or s3:// prefix)")
     p.add_argument("--data", required=True, help="split folder written by `bincounter split` (folder or s3:// prefix)")
     p.add_argument("--split", default="test", help="which split of --data to evaluate")
-    p.add_argument("--output", default="", help="folder or s3:// prefix for metrics.json and confusion_matrix.png "
-                                                "(empty: print only)")
+    p.add_argument("--output", default="", help="folder or s3:// prefix for metrics.json, confusion_matrix.png, "
+                                                "predictions.csv and mistakes.png (empty: print only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.data, split=args.split, output=args.output or None,
-                       batch_size=args.batch_size, workers=args.workers, device=args.device)
+                       batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       progress=not args.no_progress)
     print(summary_line(metrics, prefix=args.split), flush=True)
     return 0
 

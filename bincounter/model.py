@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bincounter import storage
+from bincounter import errors, storage
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 WEIGHTS_FILE = "model.pt"
@@ -125,7 +125,7 @@ def load_config(src: str) -> ModelConfig:
     if not storage.exists(config_uri):
         raise FileNotFoundError(
             f"No {CONFIG_FILE} in model folder {src}. Point at the folder written by `bincounter train --output`.")
-    return ModelConfig.from_dict(json.loads(storage.read_bytes(config_uri)))
+    return ModelConfig.from_dict(storage.read_json(config_uri, what="model config"))
 
 
 def load_model_dir(src: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
@@ -136,6 +136,7 @@ def load_model_dir(src: str | os.PathLike, device: str | torch.device = "cpu") -
     if not storage.exists(weights_uri):
         raise FileNotFoundError(f"No {WEIGHTS_FILE} in model folder {src}; the folder is incomplete.")
     model = build_model(config.arch, config.num_classes, config.dropout)
-    state = torch.load(io.BytesIO(storage.read_bytes(weights_uri)), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    with errors.about_file(weights_uri, "model weights"):
+        state = torch.load(io.BytesIO(storage.read_bytes(weights_uri)), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 CAPACITY = ("spot", "on-demand")
+REPORT_FILE = "report.md"
+# How the report spells the metrics (the same names the KFP Metrics artifact shows).
+METRIC_NAMES = {"within1": "within-1", "macro_f1": "macro-F1"}
 
 
 def gpu_cost(gpu_hours: float, price_per_gpu_hour: float) -> float:
@@ -33,14 +36,19 @@ def _fmt(value: Any) -> str:
 
 def render_markdown(*, split_manifest: Mapping[str, Any], best_params: Mapping[str, Any], best_value: float | None,
                     test_metrics: Mapping[str, Any], gpu_hours: Mapping[str, float], price_per_gpu_hour: float,
-                    capacity: str = "spot", run: Mapping[str, Any] | None = None) -> str:
+                    capacity: str = "spot", run: Mapping[str, Any] | None = None,
+                    trials: Sequence[Mapping[str, Any]] = (), currency: str = "USD",
+                    images: Mapping[str, str] | None = None) -> str:
     """The run report as Markdown.
 
     ``split_manifest`` is the split's ``manifest.json``; ``test_metrics`` what
     ``bincounter.evaluate.evaluate`` returns; ``gpu_hours`` maps a stage name
     (``tune``, ``train``) to the GPU-hours it used; ``capacity`` says whether the
     price is a spot or on-demand price; ``run`` adds free-form facts (engine,
-    architecture, data URI ...) to the header table.
+    architecture, data URI ...) to the header table; ``trials`` are the tuning trials
+    as ``tuning.json`` lists them (name, state, params, value); ``currency`` names the
+    price's currency; ``images`` maps a caption to an image source (a file name beside
+    the report, or a ``data:`` URI so the KFP UI shows it inline).
     """
     if capacity not in CAPACITY:
         raise ValueError(f"Invalid capacity {capacity!r}. Only {', '.join(CAPACITY)} are supported.")
@@ -66,9 +74,18 @@ def render_markdown(*, split_manifest: Mapping[str, Any], best_params: Mapping[s
     else:
         out += ["Tuning was skipped; training used its default hyperparameters."]
     out += [""]
+    if trials:
+        names = sorted({k for t in trials for k in (t.get("params") or {})})
+        out += ["## Tuning trials", ""]
+        out += _table(["trial", "state", "val-accuracy", *names],
+                      [(t.get("name", t.get("number", i)), t.get("state", ""), _fmt(t["value"]) if t.get("value") is not None else "",
+                        *[_fmt((t.get("params") or {}).get(n, "")) for n in names]) for i, t in enumerate(trials)])
+        out += [""]
+    for caption, src in (images or {}).items():
+        out += [f"## {caption}", "", f"![{caption}]({src})", ""]
 
     out += ["## Test metrics", ""]
-    out += _table(("metric", "value"), [(k, _fmt(test_metrics[k])) for k in
+    out += _table(("metric", "value"), [(METRIC_NAMES.get(k, k), _fmt(test_metrics[k])) for k in
                                        ("samples", "accuracy", "within1", "rmse", "mae", "macro_f1")
                                        if k in test_metrics])
     per_class = test_metrics.get("per_class") or []
@@ -86,9 +103,9 @@ def render_markdown(*, split_manifest: Mapping[str, Any], best_params: Mapping[s
 
     out += ["## Compute and cost", ""]
     total = sum(gpu_hours.values())
-    rows = [(stage, f"{h:.3f}", f"{gpu_cost(h, price_per_gpu_hour):.2f}") for stage, h in gpu_hours.items()]
-    rows.append(("total", f"{total:.3f}", f"{gpu_cost(total, price_per_gpu_hour):.2f}"))
+    rows = [(stage, f"{h:.3f}", f"{gpu_cost(h, price_per_gpu_hour):.2f} {currency}") for stage, h in gpu_hours.items()]
+    rows.append(("total", f"{total:.3f}", f"{gpu_cost(total, price_per_gpu_hour):.2f} {currency}"))
     out += _table(("stage", "GPU-hours", "estimated cost"), rows)
-    out += ["", f"Price: {price_per_gpu_hour:g} per GPU-hour ({capacity}). GPU-hours are wall time x GPUs held; "
-                "CPU-only runs use none.", ""]
+    out += ["", f"Price: {price_per_gpu_hour:g} {currency} per GPU-hour ({capacity}). GPU-hours are wall time x GPUs "
+                "held; CPU-only runs use none.", ""]
     return "\n".join(out)

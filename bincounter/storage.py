@@ -113,15 +113,43 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, unsigned: bool = Fa
     return Path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
-    """Write ``data`` atomically: readers see the old object or the whole new one, never part."""
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask(x) sets it: racy with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _temp_file(path: Path, private: bool = False) -> tuple[int, str]:
+    """A temp file beside ``path`` with the mode a plain ``open(path, "w")`` would give it.
+
+    mkstemp creates 0600 files; written data is meant to be shared (other users, a model
+    server running as another uid, a web server over the demo folder), so the file gets
+    0666 minus the umask, as any ordinary file. ``private`` keeps 0600 (secrets).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    if not private:
+        os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None, private: bool = False) -> None:
+    """Write ``data`` atomically: readers see the old object or the whole new one, never part.
+
+    Local files follow the umask like any ordinary file; ``private=True`` makes them 0600 (secrets).
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
         s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = _temp_file(path, private)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -149,7 +177,7 @@ def upload_file(local: str | os.PathLike, uri: str, *, endpoint_url: str | None 
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = _temp_file(dest)
     os.close(fd)
     try:
         shutil.copyfile(local, tmp)
@@ -164,7 +192,7 @@ def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | Non
     """Copy ``uri`` to a local file atomically (no partial file under the final name)."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
+    fd, tmp = _temp_file(local)
     os.close(fd)
     try:
         if is_s3(uri):
@@ -198,3 +226,72 @@ def list_files(prefix: str, *, endpoint_url: str | None = None, unsigned: bool =
     for path in sorted(root.rglob("*")):
         if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".part")):
             yield path.relative_to(root).as_posix(), path.stat().st_size
+
+
+def check_writable(uri: str, *, endpoint_url: str | None = None, what: str = "output") -> None:
+    """Fail now, naming ``uri``, if it cannot be written: before hours of work, not after.
+
+    A local folder is created and a probe file written and removed; for ``s3://`` the
+    bucket must exist and be reachable (a PutObject probe would leave objects behind in
+    buckets with versioning, so only HeadBucket is sent).
+    """
+    from bincounter.errors import UserError
+
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _ = split_s3(uri)
+        try:
+            s3_client(endpoint_url).head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise UserError(f"{what} {uri}: bucket {bucket} does not exist (create it first, or fix the URI)") \
+                    from None
+            if code in ("403", "AccessDenied"):
+                raise UserError(f"{what} {uri}: access to bucket {bucket} denied (check the S3 credentials)") \
+                    from None
+            raise
+        return
+    path = Path(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=".part")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {uri} is not writable: {e.strerror or e}") from None
+
+
+def check_folder(uri: str, *, what: str = "input folder") -> None:
+    """A local input folder must exist (S3 prefixes are checked by the first listing or read)."""
+    from bincounter.errors import UserError
+
+    if not is_s3(uri) and not Path(uri).is_dir():
+        state = "is not a folder" if Path(uri).exists() else "does not exist"
+        raise UserError(f"{what} {uri} {state}")
+
+
+def read_json(uri: str, *, what: str = "JSON file", endpoint_url: str | None = None, unsigned: bool = False):
+    """Parse a JSON file, naming it when it is missing or corrupt."""
+    import json
+
+    from bincounter.errors import about_file
+
+    with about_file(uri, what):
+        return json.loads(read_bytes(uri, endpoint_url=endpoint_url, unsigned=unsigned))
+
+
+def list_dirs(prefix: str, *, endpoint_url: str | None = None) -> list[str]:
+    """Names of the folders directly under ``prefix`` (S3: common prefixes, no deep listing)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        names = []
+        paginator = s3_client(endpoint_url).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+    root = Path(prefix)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from bincounter import augment as augment_lib
 from bincounter import distributed as dist_utils
 from bincounter import model as model_lib
-from bincounter import presets, storage
+from bincounter import errors, presets, storage
 from bincounter.data import shards
 from bincounter.data.loader import ShardDataset, count_samples, make_loader
 from bincounter.evaluate import metrics_from_confusion
@@ -258,7 +258,8 @@ def save_checkpoint(uri: str, model: nn.Module, optimizer, scaler, epoch: int, c
 
 
 def load_checkpoint(uri: str, cfg: TrainConfig) -> dict:
-    ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    with errors.about_file(uri, "checkpoint"):
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     for key in ("arch", "max_count", "k_or_more", "epochs"):
         if ckpt["config"][key] != getattr(cfg, key):
             raise ValueError(f"Checkpoint {uri} was made with {key}={ckpt['config'][key]!r}, this run has "
@@ -323,6 +324,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
 
     # Data: this rank's share of each split.
     manifest = shards.read_manifest(cfg.data)
+    if main_process:  # before the first epoch, not when the first checkpoint is due
+        storage.check_writable(checkpoint_uri.rsplit("/", 1)[0], what="--checkpoint-dir")
     gpu_decode = presets.use_gpu_decode(cfg.gpu_decode, device)  # then workers ship JPEG bytes, decoded on the GPU
     device_transform = presets.train_device_transform(model_cfg.mean, model_cfg.std, cfg.augment,
                                                       cfg.input_size if gpu_decode else None, cfg.seed,
@@ -486,4 +489,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    from bincounter.cli import prepare_parser
+
+    sys.exit(main(prepare_parser(get_args_parser(), "train").parse_args()))

@@ -13,6 +13,7 @@ def check(
     use_trainjob: bool = False,
     tune_trials: int = 12,
     deploy_model: bool = True,
+    extra_train_args: list = [],
 ):
     """Check the cluster before hours of work: stop the run at once, with the table of checks.
 
@@ -28,6 +29,8 @@ def check(
         use_trainjob: The run prefers TrainJob (Trainer v2) to PyTorchJob.
         tune_trials: Tuning trials (0: Katib is not needed).
         deploy_model: The run deploys (KServe is needed).
+        extra_train_args: The run's extra ``bincounter train`` flags: checked against the trainer's
+            parser first, so that a typo stops the run in seconds, not after download and split.
 
     Raises:
         RuntimeError: A check failed; the printed table says which and how to fix it.
@@ -36,6 +39,8 @@ def check(
     from bincounter.k8s import check as preflight
 
     engines.check_engine(engine)
+    if extra_train_args:
+        engines.check_train_args([str(a) for a in extra_train_args])
     rows = preflight.preflight(engine, namespace=namespace, s3_secret=s3_secret,
                                training="TrainJob" if use_trainjob else "auto",
                                tune=tune_trials > 0, deploy=deploy_model)

@@ -51,7 +51,8 @@ def deploy(
         deadline_minutes: Give up after this long waiting for readiness.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         s3_secret: Secret with the S3 credentials, for KServe's storage initializer.
-        work_uri: Working store prefix, for the run's success marker (empty: no marker).
+        work_uri: Working store prefix, for the run's success marker (empty: no marker), which
+            records the endpoint (``bincounter runs show`` prints it).
 
     Returns:
         endpoint: Base URL of the model server.
@@ -107,5 +108,6 @@ def deploy(
                                 "confidence": round(r.confidence, 4)})
             print(f"bin {s.id}: predicted {r.count} (confidence {r.confidence:.2f}), true {s.count}")
     if work_uri:  # last: the exit handler reads it as "deploy finished" (bincounter/runs.py)
-        runs.mark_succeeded(work_uri, run_id, "deploy", endpoint=deployment.url)
+        runs.mark_succeeded(work_uri, run_id, "deploy", endpoint=deployment.url, model_name=model_name,
+                            engine=engine, handle=deployment.handle, model_uri=model.metadata.get("uri", model.path))
     return namedtuple("Outputs", ["endpoint", "handle", "predictions"])(deployment.url, deployment.handle, predictions)

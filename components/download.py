@@ -18,12 +18,20 @@ def download(
     limit: int = 0,
     workers: int = 16,
     s3_endpoint_url: str = "",
+    split_uri: str = "",
+    refresh: bool = False,
 ):
     """Download the selected bins to ``{work_uri}/abid`` (resumable: a rerun fetches only what changed).
 
-    The images stay in the working store, shared by every run; the ``raw``
-    artifact holds the download's ``manifest.json`` and ``summary.json`` and
-    records where the images are in ``metadata['uri']``.
+    The images stay in the working store, shared by every run. Each selection
+    (source, file_list, max_count, limit) has its own manifest,
+    ``{work_uri}/abid/manifest-<key>.json``, so that concurrent runs with other
+    selections never read each other's; a rerun with the same selection reuses
+    it and downloads nothing (``refresh=True`` downloads again). The ``raw``
+    artifact holds the manifest and summary and records in ``metadata`` where
+    the images (``uri``) and this selection's manifest (``manifest``) are.
+
+    With ``split_uri`` set, the run starts from that existing split: nothing is downloaded.
 
     Args:
         raw: Output. The download manifest and summary; ``metadata['uri']`` is the dataset prefix.
@@ -38,10 +46,13 @@ def download(
         workers: Concurrent bins in flight.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration
             (``AWS_ENDPOINT_URL`` from the S3 Secret on a cluster).
+        split_uri: An existing split (folder written by ``bincounter split``); set, this step does nothing.
+        refresh: Download again even when this selection was downloaded before.
 
     Raises:
         ValueError: A bad selection (negative limit, unknown auth mode).
     """
+    import hashlib
     import json
     import os
     import time
@@ -52,16 +63,40 @@ def download(
     start = time.monotonic()
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    dest = storage.join(work_uri, "abid")
-    summary = download_lib.download(
-        dest=dest, source=source, file_list=file_list or None, max_count=None if max_count < 0 else max_count,
-        limit=limit or None, workers=workers, auth=source_auth, endpoint_url=source_endpoint_url or None,
-        progress=False)
     os.makedirs(raw.path, exist_ok=True)
-    for name in (download_lib.MANIFEST, download_lib.SUMMARY):
-        storage.download_file(storage.join(dest, name), os.path.join(raw.path, name))
-    raw.metadata.update({"uri": dest, "selected": summary["selected"], "skipped": summary["skipped"],
-                         "class_counts": summary["class_counts"], "seconds": round(time.monotonic() - start, 2)})
+    if split_uri:
+        raw.metadata.update({"uri": "", "split_uri": split_uri, "seconds": 0.0})
+        print(f"starting from the existing split {split_uri}: nothing to download")
+        return
+    dest = storage.join(work_uri, "abid")
+    selection = {"source": source, "file_list": file_list, "max_count": max_count, "limit": limit}
+    key = hashlib.sha256(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:16]
+    own_manifest = storage.join(dest, f"manifest-{key}.json")
+    if not refresh and storage.exists(own_manifest):
+        doc = storage.read_json(own_manifest, what="download manifest")
+        summary = doc["summary"]
+        print(f"reusing the download of this selection: {own_manifest}")
+    else:
+        for attempt in range(3):
+            summary = download_lib.download(
+                dest=dest, source=source, file_list=file_list or None,
+                max_count=None if max_count < 0 else max_count, limit=limit or None, workers=workers,
+                auth=source_auth, endpoint_url=source_endpoint_url or None, progress=False)
+            doc = storage.read_json(storage.join(dest, download_lib.MANIFEST), what="download manifest")
+            # The shared manifest.json is this download's unless a concurrent run rewrote it in between
+            # (then download again: resumable, nothing left to fetch).
+            if doc["summary"] == summary:
+                break
+        else:
+            raise RuntimeError(f"{dest}/manifest.json kept being rewritten by concurrent downloads")
+        storage.write_bytes(own_manifest, json.dumps(doc, indent=1).encode())
+    with open(os.path.join(raw.path, download_lib.MANIFEST), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(raw.path, download_lib.SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2)
+    raw.metadata.update({"uri": dest, "manifest": own_manifest, "selection": key, "selected": summary["selected"],
+                         "skipped": summary["skipped"], "class_counts": summary["class_counts"],
+                         "seconds": round(time.monotonic() - start, 2)})
     print(json.dumps(summary, indent=2))
     if summary["selected"] == 0:
         raise ValueError(f"No bins were selected from {source} (skipped: {summary['skipped_by_reason']}). "

@@ -25,6 +25,7 @@ def evaluate(
     s3_endpoint_url: str = "",
     work_uri: str = "",
     run_id: str = "",
+    currency: str = "USD",
 ):
     """Evaluate on the test split, in this step's own container, for both engines.
 
@@ -49,14 +50,19 @@ def evaluate(
         spot: Whether the GPUs were spot (preemptible) capacity: which kind of price ``price_per_gpu_hour`` is.
         batch_size: Images per forward pass.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
-        work_uri: Working store prefix, for the run's success marker (empty: no marker).
-        run_id: The pipeline run id the marker is for.
+        work_uri: Working store prefix; with ``run_id``, the report, metrics and plots are also
+            written to ``{work_uri}/runs/{run_id}/evaluation`` (``bincounter runs show`` reads them
+            there), and the run's success marker last (empty: neither).
+        run_id: The pipeline run id.
+        currency: Currency of ``price_per_gpu_hour``, shown in the report.
     """
+    import base64
     import json
     import os
     import time
 
     from bincounter import evaluate as evaluate_lib
+    from bincounter import plots, storage
     from bincounter import report as report_lib
     from bincounter import runs
     from bincounter.data import shards as shards_lib
@@ -70,14 +76,35 @@ def evaluate(
     for name in ("accuracy", "within1", "rmse", "mae", "macro_f1", "samples"):
         metrics.log_metric(name.replace("_", "-"), result[name])
     confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
-    markdown = report_lib.render_markdown(
-        split_manifest=shards_lib.read_manifest(data), best_params=best_params,
-        best_value=best_value if best_params else None, test_metrics=result,
-        gpu_hours={"tune": tune_gpu_hours, "train": train_gpu_hours}, price_per_gpu_hour=price_per_gpu_hour,
-        capacity="spot" if spot else "on-demand", run={"engine": engine, "model": model.metadata.get("uri", model.path),
-                                "architecture": model.metadata.get("arch", ""), "data": data})
+    history_file = os.path.join(model.path, "metrics.json")  # training's per-epoch record
+    curves = None
+    if os.path.exists(history_file):
+        curves = plots.training_curves(json.load(open(history_file)).get("epochs") or [])
+        with open(os.path.join(evaluation.path, "training_curves.png"), "wb") as f:
+            f.write(curves)
+    run_dir = storage.join(work_uri, "runs", run_id) if work_uri and run_id else ""
+    tuning_uri = storage.join(run_dir, "tune", "tuning.json") if run_dir else ""
+    trials = storage.read_json(tuning_uri, what="tuning record").get("trials", []) \
+        if tuning_uri and storage.exists(tuning_uri) else []
+
+    def render(image_src):
+        return report_lib.render_markdown(
+            split_manifest=shards_lib.read_manifest(data), best_params=best_params,
+            best_value=best_value if best_params else None, test_metrics=result,
+            gpu_hours={"tune": tune_gpu_hours, "train": train_gpu_hours}, price_per_gpu_hour=price_per_gpu_hour,
+            capacity="spot" if spot else "on-demand", currency=currency, trials=trials,
+            images={"Training curves": image_src} if curves else {},
+            run={"run": run_id, "engine": engine, "model": model.metadata.get("uri", model.path),
+                 "architecture": model.metadata.get("arch", ""), "data": data})
+
+    # The KFP UI shows the Markdown artifact on its own: the curves go inline as a data URI.
     with open(report.path, "w") as f:
-        f.write(markdown)
+        f.write(render("data:image/png;base64," + base64.b64encode(curves).decode() if curves else ""))
+    with open(os.path.join(evaluation.path, report_lib.REPORT_FILE), "w") as f:
+        f.write(render("training_curves.png"))  # beside the PNG, in the evaluation folder
+    if run_dir:  # kept with the run in the working store, for `bincounter runs show`
+        for name in sorted(os.listdir(evaluation.path)):
+            storage.upload_file(os.path.join(evaluation.path, name), storage.join(run_dir, "evaluation", name))
     metrics.metadata["seconds"] = round(time.monotonic() - start, 2)
     print(evaluate_lib.summary_line(result))
     print(json.dumps({k: result[k] for k in ("class_names", "confusion_matrix")}))

@@ -20,8 +20,15 @@ def split(
     shard_size: int = 1000,
     workers: int = 8,
     s3_endpoint_url: str = "",
+    split_uri: str = "",
 ):
-    """Write stratified train/val/test shards to ``{work_uri}/runs/{run_id}/split``.
+    """Write stratified train/val/test shards to ``{work_uri}/splits/<key>``, or reuse them.
+
+    The key hashes this selection's download manifest and the split settings: a
+    rerun with the same selection and settings finds the finished split (its
+    ``manifest.json`` is written last) and reuses it. ``split_uri`` names an
+    existing split to start from instead. Either way the run records which
+    split it used in ``{work_uri}/runs/{run_id}/split.json``.
 
     Training pods on a cluster read the shards from the working store, so they
     go there, not into the artifact; the ``shards`` artifact holds the split's
@@ -42,25 +49,44 @@ def split(
         shard_size: Samples per shard.
         workers: Parallel image readers and resizers.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
+        split_uri: An existing split folder to use as is (download and split are skipped).
     """
+    import hashlib
+    import json
     import os
     import time
 
     from bincounter import presets, storage
     from bincounter.data import download as download_lib
+    from bincounter.data import shards as shards_lib
     from bincounter.data import split as split_lib
     from bincounter.data.shards import MANIFEST
 
     start = time.monotonic()
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
-    out = storage.join(work_uri, "runs", run_id, "split")
-    # The download's manifest, not a listing: it names exactly this run's selection (the shared
-    # folder may hold more bins from earlier runs) and spares reading every metadata file.
-    source = storage.join(raw.metadata.get("uri") or raw.path, download_lib.MANIFEST)
-    manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
-                               short_side=short_side or presets.short_side_for(input_size),
-                               shard_size=shard_size, workers=workers)
+    split_uri = split_uri or raw.metadata.get("split_uri", "")
+    if split_uri:
+        out = split_uri
+        manifest = shards_lib.read_manifest(out)  # names the folder if it is not a split
+        print(f"using the existing split {out}")
+    else:
+        # This selection's own download manifest, not a listing and not the shared manifest.json:
+        # it names exactly this run's bins (the shared folder may hold more from other runs).
+        source = raw.metadata.get("manifest") or storage.join(raw.metadata.get("uri") or raw.path,
+                                                              download_lib.MANIFEST)
+        short_side = short_side or presets.short_side_for(input_size)
+        settings = {"val": val, "test": test, "seed": seed, "short_side": short_side, "shard_size": shard_size,
+                    "format": split_lib.FORMAT}
+        digest = hashlib.sha256(storage.read_bytes(source) + json.dumps(settings, sort_keys=True).encode())
+        out = storage.join(work_uri, "splits", digest.hexdigest()[:16])
+        if storage.exists(storage.join(out, MANIFEST)):
+            manifest = shards_lib.read_manifest(out)
+            print(f"reusing the split of this selection and these settings: {out}")
+        else:
+            manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
+                                       short_side=short_side, shard_size=shard_size, workers=workers)
+    storage.write_bytes(storage.join(work_uri, "runs", run_id, "split.json"), json.dumps({"uri": out}).encode())
     os.makedirs(shards.path, exist_ok=True)
     for rel in [MANIFEST, *manifest.get("files", {}).values()]:
         storage.download_file(storage.join(out, rel), os.path.join(shards.path, rel))

@@ -121,8 +121,13 @@ def test_bad_fractions_rejected(tmp_path):
 
 
 def test_empty_source_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="No usable ABID records"):
+    from bincounter.errors import UserError
+
+    with pytest.raises(UserError, match="nothing-here does not exist"):
         split(str(tmp_path / "nothing-here"), out=str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No usable ABID records"):
+        split(str(tmp_path / "empty"), out=str(tmp_path / "o"))
 
 
 def test_parallel_split_writes_byte_identical_shards(synthetic_abid, tmp_path):

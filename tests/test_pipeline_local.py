@@ -56,7 +56,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         raw = outputs["download"]["artifacts"]["raw"]["artifacts"][0]["metadata"]
         assert raw["selected"] == TINY["images"] and raw["uri"] == f"s3://{buckets['work']}/abid"
         shards = outputs["split"]["artifacts"]["shards"]["artifacts"][0]
-        assert shards["metadata"]["uri"].startswith(f"s3://{buckets['work']}/runs/")
+        assert shards["metadata"]["uri"].startswith(f"s3://{buckets['work']}/splits/")  # shared by reruns
         assert sum(shards["metadata"]["samples"].values()) == TINY["images"]
         assert Path(shards["uri"], "manifest.json").is_file()  # the small files are in the artifact too
 
@@ -85,8 +85,22 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         assert sum(sum(r["row"]) for r in cm["rows"]) == metrics["samples"]
         report = Path(outputs["evaluate"]["artifacts"]["report"]["artifacts"][0]["uri"]).read_text()
         for section in ("## Data", "## Best hyperparameters", "## Test metrics", "Confusion matrix",
-                        "## Compute and cost"):
+                        "## Compute and cost", "## Tuning trials", "## Training curves"):
             assert section in report
+
+        # The run's record in the working store, as `bincounter runs show` reads it back.
+        from bincounter import runs
+
+        run_id = model["metadata"]["uri"].rstrip("/").split("/")[-2]
+        info = runs.show_run(f"s3://{buckets['work']}", run_id)
+        assert info["stages"] == ["split", "tune", "model", "evaluation", "deploy"]
+        assert info["split_uri"] == shards["metadata"]["uri"]
+        assert info["report"].startswith("# bincounter run report") and "training_curves.png" in info["report"]
+        assert info["test_metrics"]["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert len(info["trials"]) == TINY["tune_trials"]
+        assert info["deployment"]["endpoint"] == deployed["endpoint"]
+        plots = {u.rsplit("/", 1)[-1] for u in info["plots"]}
+        assert {"samples.png", "confusion_matrix.png", "training_curves.png", "mistakes.png"} <= plots
 
         # deploy: a live server that answered the smoke test, and answers us.
         assert len(deployed["predictions"]) == 2
@@ -96,7 +110,6 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         assert len(answer.probabilities) == TINY["max_count"] + 1
 
         # The exit handler read the success markers that evaluate and deploy left, and stopped nothing.
-        run_id = shards["metadata"]["uri"].split("/runs/", 1)[1].split("/")[0]
         assert runs.missing_markers(f"s3://{buckets['work']}", run_id, ["evaluate", "deploy"]) == []
     finally:
         local_engine.stop_server(deployed["handle"])
@@ -107,10 +120,10 @@ def test_a_failed_run_fails_with_the_reason_and_runs_the_exit_handler(s3_endpoin
                                                                       capfd):
     monkeypatch.setenv("BINCOUNTER_STATE_DIR", str(tmp_path / "state"))
     synthesize(f"s3://{buckets['source']}", images=30, max_count=TINY["max_count"], seed=TINY["seed"])
-    # A misspelled training flag: the tune step (which kfp does not retry) must fail before any
-    # trial starts, name the flag, and the exit handler must still run, seeing the failure.
+    # A misspelled training flag: the first step (the preflight, which kfp does not retry) must fail
+    # before anything is downloaded, name the flag, and the exit handler must still run, seeing the failure.
     params = _params(s3_endpoint, buckets, extra_train_args=["--wrokers", "0"])
-    with pytest.raises(RuntimeError, match="tune"):
+    with pytest.raises(RuntimeError, match="check"):
         run_local_pipeline(tmp_path / "root", **params)
     out = capfd.readouterr().out
     assert "Unknown training arguments ['--wrokers', '0']" in out
@@ -118,4 +131,4 @@ def test_a_failed_run_fails_with_the_reason_and_runs_the_exit_handler(s3_endpoin
     assert "failed or cancelled (not finished: evaluate, deploy); cleaning up" in out
     [run_dir] = [p for p in (tmp_path / "root").iterdir() if p.is_dir()]
     assert (run_dir / "cleanup" / "executor_output.json").is_file()
-    assert not (run_dir / "train").exists()
+    assert not (run_dir / "train").exists() and not (run_dir / "download").exists()

@@ -26,15 +26,27 @@ def test_report_has_data_params_metrics_confusion_and_cost():
     assert "| lr | 0.001 |" in md and "Best trial val-accuracy: 0.7500" in md
     assert "| accuracy | 0.6667 |" in md
     assert "| 1 | 1 | 1 |" in md  # confusion matrix row: true 1 -> predicted 0 once, 1 once
-    assert "| tune | 0.500 | 1.50 |" in md and "| train | 2.000 | 6.00 |" in md
-    assert "| total | 2.500 | 7.50 |" in md
-    assert "Price: 3 per GPU-hour (on-demand)" in md
+    assert "| tune | 0.500 | 1.50 USD |" in md and "| train | 2.000 | 6.00 USD |" in md
+    assert "| total | 2.500 | 7.50 USD |" in md
+    assert "Price: 3 USD per GPU-hour (on-demand)" in md
+
+
+def test_report_has_the_trials_table_and_the_training_curves():
+    trials = [{"name": "t-1", "state": "COMPLETE", "value": 0.75, "params": {"lr": 0.001, "optimizer": "adamw"}},
+              {"name": "t-2", "state": "PRUNED", "value": None, "params": {"lr": 0.01, "optimizer": "sgd"}}]
+    md = report.render_markdown(split_manifest=MANIFEST, best_params={"lr": 0.001}, best_value=0.75,
+                                test_metrics=METRICS, gpu_hours={"train": 1.0}, price_per_gpu_hour=2.0,
+                                trials=trials, currency="EUR", images={"Training curves": "training_curves.png"})
+    assert "| trial | state | val-accuracy | lr | optimizer |" in md
+    assert "| t-1 | COMPLETE | 0.75 | 0.001 | adamw |" in md and "| t-2 | PRUNED |  | 0.01 | sgd |" in md
+    assert "![Training curves](training_curves.png)" in md
+    assert "| total | 1.000 | 2.00 EUR |" in md
 
 
 def test_report_without_tuning_and_bad_inputs():
     md = report.render_markdown(split_manifest=MANIFEST, best_params={}, best_value=None, test_metrics=METRICS,
                                 gpu_hours={"tune": 0.0, "train": 0.0}, price_per_gpu_hour=1.0)
-    assert "Tuning was skipped" in md and "| total | 0.000 | 0.00 |" in md
+    assert "Tuning was skipped" in md and "| total | 0.000 | 0.00 USD |" in md
     with pytest.raises(ValueError, match="Invalid capacity"):
         report.render_markdown(split_manifest=MANIFEST, best_params={}, best_value=None, test_metrics=METRICS,
                                gpu_hours={}, price_per_gpu_hour=1.0, capacity="reserved")

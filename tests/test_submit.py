@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bincounter import submit
+from bincounter import runs, submit
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 
@@ -76,9 +76,10 @@ def test_token_resolution_order(tmp_path, monkeypatch):
 
 def test_main_rejects_bad_params_before_contacting_the_server(capsys):
     # Port 9 (discard) on loopback: nothing must be sent there.
-    args = submit.get_args_parser().parse_args(["--host", "http://127.0.0.1:9", "--param", "epoch=3"])
-    assert submit.main(args) == 2
-    assert "Unknown pipeline parameter 'epoch'" in capsys.readouterr().err
+    from bincounter import cli
+
+    assert cli.main(["submit", "--host", "http://127.0.0.1:9", "--param", "epoch=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: Unknown pipeline parameter 'epoch'")
 
 
 class _KfpApiDouble(BaseHTTPRequestHandler):
@@ -86,6 +87,7 @@ class _KfpApiDouble(BaseHTTPRequestHandler):
 
     requests: list[dict] = []
     existing_pipeline: str | None = None
+    run_states: list[dict] = []  # successive GET /runs/r-1 bodies (the last one repeats)
 
     def log_message(self, *args):
         pass
@@ -115,6 +117,9 @@ class _KfpApiDouble(BaseHTTPRequestHandler):
             return self._reply({"pipeline_versions": [{"pipeline_version_id": "v-1"}], "total_size": 1})
         if req["path"] == "/apis/v2beta1/experiments":
             return self._reply({})
+        if req["path"] == "/apis/v2beta1/runs/r-1" and self.run_states:
+            body = self.run_states.pop(0) if len(self.run_states) > 1 else self.run_states[0]
+            return self._reply({"run_id": "r-1", **body})
         self._reply({"error": "not found"}, 404)
 
     def do_POST(self):
@@ -134,6 +139,7 @@ class _KfpApiDouble(BaseHTTPRequestHandler):
 def kfp_api():
     _KfpApiDouble.requests = []
     _KfpApiDouble.existing_pipeline = None
+    _KfpApiDouble.run_states = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpApiDouble)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -174,3 +180,64 @@ def test_submit_uploads_and_starts_a_run_with_a_real_kfp_client(kfp_api, existin
     assert run["pipeline_version_reference"]["pipeline_id"] == result["pipeline_id"]
     assert run["runtime_config"]["parameters"] == {"epochs": 3, "deploy_model": False,
                                                    "extra_train_args": ["--workers", "8"]}
+
+
+# --wait: the run's state as the v2beta1 API returns it (kfp_server_api.V2beta1Run: state,
+# error.message, run_details.task_details[].display_name/state/error), read by a real kfp.Client.
+def _run(state: str, *tasks: tuple, error: str = "") -> dict:
+    details = [{"display_name": name, "state": st, **({"error": {"message": msg}} if msg else {})}
+               for name, st, msg in tasks]
+    return {"state": state, "run_details": {"task_details": details}, **({"error": {"message": error}} if error else {})}
+
+
+def _wait(kfp_api, tmp_path, monkeypatch, capsys, states: list[dict]) -> tuple[int, str, str]:
+    from bincounter import cli
+
+    url, api = kfp_api
+    api.run_states = states
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        code = cli.main(["submit", "--host", url, "--namespace", "team-a", "--wait", "--poll-interval", "0.01",
+                         "--param", f"work_uri={tmp_path / 'work'}"])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_wait_streams_step_states_then_prints_the_report_model_and_endpoint(kfp_api, tmp_path, monkeypatch,
+                                                                           capsys):
+    run = tmp_path / "work" / "runs" / "r-1"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "evaluation" / "report.md").write_text("# bincounter run report\n\n## Test metrics\n")
+    runs.mark_succeeded(str(tmp_path / "work"), "r-1", "deploy", endpoint="http://bincounter.team-a.example",
+                        engine="kubernetes")
+    code, out, err = _wait(kfp_api, tmp_path, monkeypatch, capsys, [
+        _run("PENDING"),
+        _run("RUNNING", ("download", "RUNNING", "")),
+        _run("RUNNING", ("download", "SUCCEEDED", ""), ("split", "RUNNING", "")),
+        _run("SUCCEEDED", ("download", "SUCCEEDED", ""), ("split", "SUCCEEDED", "")),
+    ])
+    assert code == 0, err
+    lines = [line.split(maxsplit=1)[1] for line in out.splitlines() if line[:2].isdigit()]  # "HH:MM:SS  step STATE"
+    assert [" ".join(line.split()) for line in lines] == ["download RUNNING", "download SUCCEEDED", "split RUNNING",
+                                                          "split SUCCEEDED"]
+    assert "## Test metrics" in out
+    assert f"model: {run / 'model'}" in out and "endpoint: http://bincounter.team-a.example" in out
+
+
+def test_wait_exits_non_zero_with_the_failing_step_message(kfp_api, tmp_path, monkeypatch, capsys):
+    code, out, err = _wait(kfp_api, tmp_path, monkeypatch, capsys, [
+        _run("RUNNING", ("train", "RUNNING", "")),
+        _run("FAILED", ("root", "FAILED", "DAG failed"), ("train", "FAILED", "PyTorchJob bincounter-r-1 failed: OOMKilled"),
+             error="run failed"),
+    ])
+    assert code == 1
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "run r-1 FAILED: step train failed: PyTorchJob bincounter-r-1 failed: OOMKilled" in line
+
+
+def test_wait_reports_a_canceled_run(kfp_api, tmp_path, monkeypatch, capsys):
+    code, out, err = _wait(kfp_api, tmp_path, monkeypatch, capsys, [_run("CANCELING"), _run("CANCELED")])
+    assert code == 1 and "run r-1 was canceled" in err

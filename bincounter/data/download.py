@@ -344,6 +344,9 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if limit is not None and limit < 0 or max_count is not None and max_count < 0:
         raise ValueError(f"--limit and --max-count must be >= 0, got {limit} and {max_count}")
+    # Checked before any object is fetched: a wrong path costs seconds, not a whole download.
+    storage.check_folder(source, what="--source folder")
+    storage.check_writable(dest, endpoint_url=dest_endpoint_url, what="--output")
     engine = resolve_engine(engine, source, dest)
     staging = Path(dest, STAGING)
     unsigned = resolve_unsigned(auth) if storage.is_s3(source) else False
@@ -644,4 +647,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import sys
+
+    sys.exit(main(get_args_parser().parse_args()))

@@ -27,7 +27,7 @@ import json
 import tarfile
 from typing import Iterator, NamedTuple
 
-from bincounter import storage
+from bincounter import errors, storage
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -43,7 +43,14 @@ def read_manifest(split_root: str) -> dict:
     uri = storage.join(split_root, MANIFEST)
     if not storage.exists(uri):
         raise FileNotFoundError(f"No {MANIFEST} under {split_root}. Point at the folder written by `bincounter split`.")
-    return json.loads(storage.read_bytes(uri))
+    manifest = storage.read_json(uri, what="split manifest")
+    if "splits" not in manifest:
+        if "records" in manifest:
+            raise ValueError(f"{split_root} is a download folder, not a split: run `bincounter split {split_root} "
+                             "--out SPLIT` and pass SPLIT instead.")
+        raise ValueError(f"{uri} is not a split manifest (no 'splits'). Point at the folder written by "
+                         "`bincounter split`.")
+    return manifest
 
 
 def shard_uris(split_root: str, split: str) -> list[str]:
@@ -56,7 +63,7 @@ def shard_uris(split_root: str, split: str) -> list[str]:
 
 def iter_shard(uri: str) -> Iterator[Sample]:
     """Stream the samples of one shard, in order, without loading the whole tar."""
-    with storage.open_read(uri) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+    with errors.about_file(uri, "shard"), storage.open_read(uri) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         pending: dict[str, dict] = {}
         for member in tar:
             if not member.isfile():

@@ -39,7 +39,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from bincounter import storage
+from bincounter import plots, storage
+from bincounter.errors import UsageError
 from bincounter.data import abid
 from bincounter.data.shards import MANIFEST, SPLITS
 
@@ -69,7 +70,7 @@ def load_source(source: str, *, endpoint_url: str | None = None) -> tuple[str, a
 
 def _check_fractions(val: float, test: float) -> None:
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise ValueError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
+        raise UsageError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
 
 
 def stratified(records: list[abid.BinRecord], fractions: dict[str, float], seed: int, rest: str = "train"
@@ -235,7 +236,7 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
                     writer.write({"__key__": rec.id, "jpg": res, "json": label})
                     written.append(rec.count)
                     n += 1
-                    if len(samples_for_grid) < 16 and name == "train":
+                    if name == "train" and sum(s[1] == rec.count for s in samples_for_grid) < plots.SAMPLES_PER_COUNT:
                         samples_for_grid.append((rec.id, rec.count, res))
                 writer.close()
             if n:
@@ -249,7 +250,6 @@ def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     classes = sorted({int(c) for s in splits.values() for c in s["class_counts"]})
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 3), 4))
@@ -262,15 +262,7 @@ def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
     _save_fig(fig, storage.join(out, "class_distribution.png"), endpoint_url)
 
-    cols = 4
-    rows = max(1, (len(grid) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (id_, count, jpeg) in zip(axes.flat, grid):
-        ax.imshow(Image.open(io.BytesIO(jpeg)))
-        ax.set_title(f"{id_}: {count} items", fontsize=9)
-    _save_fig(fig, storage.join(out, "samples.png"), endpoint_url)
+    storage.write_bytes(storage.join(out, "samples.png"), plots.samples_by_count(grid), endpoint_url=endpoint_url)
 
 
 def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
@@ -299,6 +291,8 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
                          f"got {shard_size}, {short_side} and {workers}")
     workers = workers or default_workers()
     t0 = time.perf_counter()
+    if not source.endswith(".json"):
+        storage.check_folder(source, what="source folder")
     root, scanned = load_source(source, endpoint_url=endpoint_url)
     if not scanned.records:
         raise ValueError(f"No usable ABID records in {source} (skipped: {scanned.skipped_by_reason() or 'none'}). "
@@ -311,6 +305,9 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     else:
         assignment = stratified(scanned.records, {"val": val, "test": test}, seed)
         how = "stratified"
+    if not assignment["val"]:  # training validates every epoch: an empty val set fails it after epoch 1
+        raise ValueError(f"The val split would be empty ({len(scanned.records)} usable records in {source}, "
+                         f"--val {val}): raise --val, add data, or pass --val-ids.")
     skipped = list(scanned.skipped)
     grid: list = []
     splits = {}

@@ -87,7 +87,9 @@ def check_train_args(args: Sequence[str]) -> None:
 
     from bincounter.train import TrainConfig, get_args_parser, train_kwargs
 
-    parser = get_args_parser(add_help=False)
+    from bincounter.cli import prepare_parser
+
+    parser = prepare_parser(get_args_parser(add_help=False), "train")  # the CLI's names and value checks
     parser.exit_on_error = False
     err = io.StringIO()
     try:

@@ -20,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from bincounter import errors
 from bincounter.k8s import objects as o
 
 CLEANUP_CHOICES = ("on-failure", "always", "never")
@@ -35,19 +36,22 @@ def print_flush(msg: str) -> None:
     print(msg, flush=True)
 
 
+_ApiClient = errors.with_timeouts(k8s.ApiClient)  # connect and read timeouts on every call
+
+
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k8s.ApiClient:
     """In-cluster config inside a pod (a pipeline step), else the kubeconfig."""
     if kubeconfig is None and context is None:
         try:
             k8s_config.load_incluster_config()
-            return k8s.ApiClient()
+            return _ApiClient()
         except k8s_config.ConfigException:
             pass
     cfg = k8s.Configuration()
     # The client reads $KUBECONFIG once, at import; read it now so a later setting counts.
     k8s_config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), context=context,
                                 client_configuration=cfg)
-    return k8s.ApiClient(cfg)
+    return _ApiClient(cfg)
 
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"

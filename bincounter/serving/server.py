@@ -42,6 +42,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from starlette.exceptions import HTTPException
 
+from bincounter import errors
 from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
                                 DEFAULT_MAX_JPEG_SCANS, ImageError, ImageLimits)
 from bincounter.model import load_model_dir
@@ -447,6 +448,9 @@ def build_model(args: argparse.Namespace) -> BinCounterModel:
 def main(args: argparse.Namespace) -> int:
     if args.configure_logging:  # before load(), so its log lines show (ModelServer would do it later)
         kserve.logging.configure_logging(args.log_config_file)
+    errors.check_port_free(args.http_port)  # before the model load, which can take minutes
+    if args.enable_grpc:
+        errors.check_port_free(args.grpc_port, what="--grpc_port")
     if args.workers != 1:
         # KServe runs several workers by re-importing its app in each process, without the
         # middleware and handlers added below (body limit, no repository extension, ...).

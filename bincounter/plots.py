@@ -1,0 +1,128 @@
+"""The pictures a run leaves: training curves, samples per count, confusion matrix, mistakes.
+
+Each function returns PNG bytes (the caller decides where they go: a split folder,
+the evaluation folder, a KFP artifact). matplotlib is imported lazily and with the
+Agg backend: there is no display in pods or on servers.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+SAMPLES_PER_COUNT = 4  # images per row of samples.png
+MISTAKES_SHOWN = 24
+
+
+def items(n: int) -> str:
+    """``1 item``, ``3 items``: the captions say what a person would."""
+    return f"{n} item" if n == 1 else f"{n} items"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(history: Sequence[dict]) -> bytes:
+    """Loss (train and val) and val accuracy per epoch, from training's ``metrics.json`` ``epochs``.
+
+    Training records the train loss per epoch but no train accuracy (it would cost a second
+    pass over the training data); the accuracy panel shows val accuracy and val within-1.
+    """
+    plt = _pyplot()
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("train-loss", "train"), ("val-loss", "val")):
+        if any(key in row for row in history):
+            loss_ax.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    for key, label in (("train-accuracy", "train accuracy"), ("val-accuracy", "val accuracy"),
+                       ("val-within1", "val within-1")):
+        if any(key in row for row in history):
+            acc_ax.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
+    acc_ax.set(xlabel="epoch", ylabel="fraction of images", title="Accuracy", ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _png(fig)
+
+
+def samples_by_count(samples: Sequence[tuple[str, int, bytes]], per_count: int = SAMPLES_PER_COUNT) -> bytes:
+    """One row per count (every class shown), ``per_count`` images each, captioned ``<id>: 1 item``."""
+    from PIL import Image
+
+    plt = _pyplot()
+    by_count: dict[int, list] = {}
+    for id_, count, jpeg in samples:
+        row = by_count.setdefault(int(count), [])
+        if len(row) < per_count:
+            row.append((id_, jpeg))
+    counts = sorted(by_count) or [0]
+    fig, axes = plt.subplots(len(counts), per_count, figsize=(2.6 * per_count, 2.4 * len(counts)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, count in enumerate(counts):
+        for c, (id_, jpeg) in enumerate(by_count.get(count, [])):
+            axes[r][c].imshow(Image.open(io.BytesIO(jpeg)))
+            axes[r][c].set_title(f"{id_}: {items(count)}", fontsize=9)
+    return _png(fig)
+
+
+def confusion(cm, class_names: Sequence[str], title: str = "") -> bytes:
+    """Counts and the row-normalised view (recall per true count) side by side, each with a colour bar."""
+    import numpy as np
+
+    plt = _pyplot()
+    cm = np.asarray(cm, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    recall = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(class_names)
+    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.4 * n, 1.2 + 0.7 * n))
+    for ax, values, name, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], recall, "recall (row-normalised)",
+                                                                         "{:.2f}")):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if values is recall else None)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(n), class_names)
+        ax.set_yticks(range(n), class_names)
+        ax.set(xlabel="predicted count", ylabel="true count", title=name)
+        threshold = (values.max() / 2) if values.size else 0
+        for (t, p), v in np.ndenumerate(values):
+            ax.text(p, t, fmt.format(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > threshold else "black")
+    if title:
+        fig.suptitle(title)
+    return _png(fig)
+
+
+def mistakes(wrong: Sequence[tuple[str, int, int, bytes]], limit: int = MISTAKES_SHOWN) -> bytes:
+    """A grid of misclassified images ``(id, true, predicted, jpeg)``, captioned with both counts."""
+    from PIL import Image
+
+    plt = _pyplot()
+    shown = list(wrong)[:limit]
+    cols = 6
+    rows = max(1, (len(shown) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not shown:
+        axes[0][0].text(0, 0.5, "no misclassified images", fontsize=12)
+    for ax, (id_, true, pred, jpeg) in zip(axes.flat, shown):
+        ax.imshow(Image.open(io.BytesIO(jpeg)))
+        ax.set_title(f"{id_}\ntrue {true}, predicted {pred}", fontsize=8)
+    return _png(fig)

@@ -1,0 +1,75 @@
+"""Reuse work (issue 14): a rerun with the same selection reuses the download and the split,
+another selection gets its own manifest, and ``split_uri`` starts from an existing split.
+
+The download and split components' Python functions run directly (the same code kfp.local
+and the cluster run), on a local working store and the shared synthetic bins.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from kfp import dsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` beside pipeline.py
+
+from components import download, split  # noqa: E402
+
+from bincounter import runs  # noqa: E402
+
+
+def _download(tmp_path: Path, work: str, source: str, name: str, **kw) -> dsl.Dataset:
+    raw = dsl.Dataset(uri=str(tmp_path / name), name="raw", metadata={})
+    download.python_func(raw=raw, work_uri=work, source=source, source_endpoint_url="", source_auth="unsigned",
+                         **kw)
+    return raw
+
+
+def _split(tmp_path: Path, raw: dsl.Dataset, work: str, run_id: str, name: str, **kw) -> dsl.Dataset:
+    shards = dsl.Dataset(uri=str(tmp_path / name), name="shards", metadata={})
+    split.python_func(raw=raw, shards=shards, work_uri=work, run_id=run_id, short_side=64, shard_size=50, workers=1,
+                      **kw)
+    return shards
+
+
+def test_reruns_reuse_the_download_and_the_split_and_selections_stay_apart(tmp_path, synthetic_abid, capsys):
+    work = str(tmp_path / "work")
+    first = _download(tmp_path, work, synthetic_abid, "raw1", limit=60)
+    shards1 = _split(tmp_path, first, work, "run-1", "shards1")
+    manifest_file = Path(first.metadata["manifest"])
+    assert manifest_file.parent == Path(work, "abid") and manifest_file.name.startswith("manifest-")
+    written = {p: p.stat().st_mtime_ns for p in Path(shards1.metadata["uri"]).rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    # Same selection, same settings: nothing downloaded, nothing re-sharded.
+    again = _download(tmp_path, work, synthetic_abid, "raw2", limit=60)
+    shards2 = _split(tmp_path, again, work, "run-2", "shards2")
+    out = capsys.readouterr().out
+    assert "reusing the download of this selection" in out and "reusing the split" in out
+    assert again.metadata["manifest"] == first.metadata["manifest"]
+    assert shards2.metadata["uri"] == shards1.metadata["uri"]
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # untouched
+
+    # Another selection has its own manifest: the first run's is not rewritten.
+    before = manifest_file.read_bytes()
+    other = _download(tmp_path, work, synthetic_abid, "raw3", limit=30)
+    assert other.metadata["manifest"] != first.metadata["manifest"] and other.metadata["selected"] == 30
+    assert manifest_file.read_bytes() == before
+    shards3 = _split(tmp_path, other, work, "run-3", "shards3")
+    assert shards3.metadata["uri"] != shards1.metadata["uri"] and sum(shards3.metadata["samples"].values()) == 30
+
+    # Each run records which split it used; `bincounter runs` reads it.
+    assert json.loads(Path(work, "runs", "run-2", "split.json").read_text()) == {"uri": shards1.metadata["uri"]}
+    assert runs.show_run(work, "run-3")["split_uri"] == shards3.metadata["uri"]
+
+
+def test_split_uri_starts_from_an_existing_split(tmp_path, synthetic_split, capsys):
+    work = str(tmp_path / "work")
+    raw = _download(tmp_path, work, "/nonexistent-source", "raw", split_uri=synthetic_split)
+    assert not Path(work, "abid").exists()  # nothing downloaded: the source is not even looked at
+    shards = _split(tmp_path, raw, work, "run-x", "shards")
+    assert shards.metadata["uri"] == synthetic_split
+    assert Path(shards.path, "manifest.json").is_file()
+    assert "using the existing split" in capsys.readouterr().out
