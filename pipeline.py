@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `components` next to
 
 from bincounter import images, storage  # noqa: E402
 from bincounter.k8s import objects  # noqa: E402
-from components import cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
+from components import check, cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
 
 PIPELINE_FILE = Path(__file__).resolve().parent / "pipeline.yaml"
 # The S3 Secret's keys, as bincounter.k8s.objects.s3_secret writes them: the credentials are
@@ -108,10 +108,18 @@ def bincounter_pipeline(
                                        namespace=namespace, s3_endpoint_url=s3_endpoint_url), **on_cluster)
     cleanup_task.set_caching_options(False)
     with dsl.ExitHandler(cleanup_task, name="run-and-clean-up-on-failure"):
+        # First: the preflight stops a run that cannot work, with its table of checks. No S3 env:
+        # a missing Secret must show in the table, not keep the pod from starting.
+        check_task = check(engine=engine, namespace=namespace, s3_secret=s3_secret, use_trainjob=use_trainjob,
+                           tune_trials=tune_trials, deploy_model=deploy_model)
+        check_task.set_caching_options(False)
+        kubernetes.add_node_selector_json(check_task, step_node_selector)
+        kubernetes.add_toleration_json(check_task, step_tolerations)
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
             file_list=file_list, max_count=max_count, k_or_more=k_or_more, limit=limit, workers=download_workers,
             s3_endpoint_url=s3_endpoint_url), **on_cluster)
+        download_task.after(check_task)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
         download_task.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)

@@ -331,6 +331,7 @@ class K8sDouble:
         namespaces: name -> labels of the namespaces that exist (``profile_namespace`` gives a
         Kubeflow profile's labels)."""
         self.release = k8s_releases.release_profile(release) if release else None
+        self.profile = self.release or k8s_releases.newest_profile()  # what discovery shows
         self.namespaces: dict[str, dict[str, str]] = dict(namespaces or {})
         # What SelfSubjectAccessReview allows: the Role bincounter's manifests bind.
         self.rbac_rules: list[dict] = copy.deepcopy(o.ROLE_RULES)
@@ -382,6 +383,19 @@ class K8sDouble:
         """Serve more REST paths: fn(double, method, parts, query, body) -> (code, body, content type)."""
         self.routes.append((method, path_prefix.rstrip("/"), fn))
 
+    def seed(self, obj: dict) -> None:
+        """Store a core object (Secret, ServiceAccount, ConfigMap) as the API server returns it:
+        a Secret's stringData becomes base64 data."""
+        import base64
+
+        obj = copy.deepcopy(obj)
+        if obj["kind"] == "Secret" and "stringData" in obj:
+            obj.setdefault("data", {}).update(
+                {k: base64.b64encode(v.encode()).decode() for k, v in obj.pop("stringData").items()})
+        plural = {"Secret": "secrets", "ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps"}[obj["kind"]]
+        self.put_object(obj, plural)
+        del self.objects[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])]["status"]
+
     def profile_namespace(self, name: str) -> None:
         """A Kubeflow profile namespace: the labels the release's profile controller sets."""
         self.namespaces[name] = dict(self.release.profile_labels if self.release else {})
@@ -395,7 +409,7 @@ class K8sDouble:
         meta = obj["metadata"]
         meta.update(generation=generation, resourceVersion=str(next(self._rv)), uid=str(uuid.uuid4()),
                     creationTimestamp=T0)
-        obj["status"] = status or {}
+        obj["status"] = status if status is not None else obj.get("status") or {}
         self.objects[(plural, meta["namespace"], meta["name"])] = obj
 
     # -- request handling
@@ -458,10 +472,9 @@ class K8sDouble:
         for m, prefix, fn in self.routes:
             if m == method and (path == prefix or path.startswith(prefix + "/")):
                 return fn(self, method, parts, query, body)
-        if self.release:
-            answer = self._release_handle(method, parts, query, body)
-            if answer:
-                return answer
+        answer = self._release_handle(method, parts, query, body)
+        if answer:
+            return answer
         return self._handle(method, parts, query, body)
 
     # -- release profile behaviours
@@ -472,7 +485,7 @@ class K8sDouble:
                                  f'in the namespace "{ns}"'), "application/json"
 
     def _release_handle(self, method, parts, query, body):
-        json_t, rel = "application/json", self.release
+        json_t, rel = "application/json", self.profile
         resources = rel.resources()
         if parts == ["apis"] and method == "GET":
             groups: dict[str, list[str]] = {}
@@ -494,7 +507,15 @@ class K8sDouble:
             attrs = body["spec"]["resourceAttributes"]
             allowed = rel.installed(attrs.get("group", ""), attrs["resource"]) and self._granted(attrs)
             return 201, {**body, "status": {"allowed": allowed}}, json_t
-        if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
+        if self.release and method == "GET" and parts[:2] == ["api", "v1"] and len(parts) in (4, 6) \
+                and parts[2] == "namespaces":
+            # Core reads are authorised like any request: by the identity's rules (rbac_rules).
+            ns, resource, name = (None, "namespaces", parts[3]) if len(parts) == 4 else (parts[3], parts[4], parts[5])
+            if resource in ("namespaces", "secrets", "serviceaccounts", "configmaps") and \
+                    not self._granted({"group": "", "resource": resource, "verb": "get", "name": name}):
+                return 403, self._status(403, "Forbidden", f'{resource} "{name}" is forbidden: User "system:serviceaccount:'
+                                         f'{ns or "-"}:default-editor" cannot get resource "{resource}"'), json_t
+        if self.release and parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, plural, ns = parts[1], parts[5], parts[4]
             if not rel.installed(group, plural):
                 verb = {"GET": "list" if len(parts) == 6 else "get", "POST": "create", "PUT": "update",
@@ -521,9 +542,9 @@ class K8sDouble:
         """The OpenAPI v3 document the API server publishes for a CRD group (readable by every
         authenticated user through the system:discovery role); only TrainJob's schema is served."""
         json_t = "application/json"
-        if (group, version) != ("trainer.kubeflow.org", "v1alpha1") or "TrainJob" not in self.release.kinds:
+        if (group, version) != ("trainer.kubeflow.org", "v1alpha1") or "TrainJob" not in self.profile.kinds:
             return 404, self._status(404, "NotFound", "the server could not find the requested resource"), json_t
-        spec = {f: {"type": "object"} for f in self.release.trainjob_spec_fields}
+        spec = {f: {"type": "object"} for f in self.profile.trainjob_spec_fields}
         return 200, {"openapi": "3.0.0", "components": {"schemas": {"trainer.kubeflow.org.v1alpha1.TrainJob": {
             "type": "object", "x-kubernetes-group-version-kind": [
                 {"group": group, "kind": "TrainJob", "version": version}],

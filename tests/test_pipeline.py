@@ -66,7 +66,7 @@ def test_compiled_pipeline_loads_into_kfp_protobufs(docs):
 def test_every_step_runs_in_the_pipeline_image(docs):
     spec, _ = docs
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "cleanup")}
+    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "check", "cleanup")}
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == images.image("pipeline", registry_=images.DEFAULT_REGISTRY,
@@ -163,6 +163,10 @@ def test_nothing_that_kfp_backend_2_5_0_cannot_run(docs):
             assert not mapping.get("optional"), f"{name}: an optional secret-as-env mapping is required on 2.5.0"
             keys = {k["secretKey"] for k in mapping["keyToEnv"]}
             assert keys <= set(pipeline.S3_REQUIRED_KEYS), f"{name}: maps {keys}, which a user's Secret may lack"
+        if name == "exec-check":
+            # The preflight reads no S3 and mounts no Secret: a missing Secret is a row of its table.
+            assert "secretAsEnv" not in config and "secretAsVolume" not in config
+            continue
         # The optional settings arrive as files of the mounted Secret, where the code looks for them.
         [volume] = config["secretAsVolume"]
         env = {e["name"]: e["value"] for e in containers[name]["container"].get("env", [])}

@@ -191,3 +191,43 @@ def test_an_unreadable_working_store_counts_as_not_succeeded(release_double, tmp
 def test_a_run_id_cannot_point_a_marker_outside_its_run_folder(tmp_path, bad):
     with pytest.raises(ValueError, match="Invalid run id"):
         runs.mark_succeeded(str(tmp_path), bad, "evaluate")
+
+
+@pytest.mark.parametrize("release", ["1.10.2", "1.11.0"])
+def test_cluster_path_on_each_release(tmp_path, monkeypatch, release):
+    """The components' cluster path against each Kubeflow release's profile of the double: on 1.11.0
+    (no Training Operator) training and trials run as TrainJobs with Trainer v2.1's API; the
+    predictor passes Knative's masks on both."""
+    gen = kd.serve_engine(tmp_path, monkeypatch, NS, release=release)
+    double = next(gen)
+    try:
+        train_name, tune_name = k8s_engine.object_name("train", RUN), k8s_engine.object_name("tune", RUN)
+        kind, plural = ("TrainJob", "trainjobs") if release == "1.11.0" else ("PyTorchJob", "pytorchjobs")
+        double.script(plural, train_name, kd.trainjob_success(NS, train_name) if kind == "TrainJob"
+                      else kd.pytorchjob_success(NS, train_name))
+        model_dir = tmp_path / "runs" / RUN / "model"  # what rank 0 of the job leaves (no trainer runs here)
+        model_dir.mkdir(parents=True)
+        (model_dir / "model.pt").write_bytes(b"weights")
+        (model_dir / "config.json").write_text(json.dumps({"arch": "resnet50", "max_count": 5, "input_size": 224}))
+        model = dsl.Model(name="model", uri=str(tmp_path / "artifacts" / "model"), metadata={})
+        components.train.python_func(shards=_shards(tmp_path), model=model, engine="kubernetes",
+                                     work_uri=str(tmp_path), run_id=RUN, best_params={}, epochs=3, workers=2,
+                                     gpus_per_worker=1)
+        job = double.objects[(plural, NS, train_name)]
+        if kind == "TrainJob":
+            assert "podTemplateOverrides" in job["spec"] and job["spec"]["trainer"]["numNodes"] == 2
+
+        best = {"base-lr": "0.002", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
+        double.script("experiments", tune_name, kd.experiment_success(NS, tune_name, best, accuracy=0.5))
+        tuning = dsl.Metrics(name="tuning", uri=str(tmp_path / "artifacts" / "tuning"), metadata={})
+        components.tune.python_func(shards=_shards(tmp_path), tuning=tuning, engine="kubernetes",
+                                    work_uri=str(tmp_path), run_id=RUN, trials=3, parallelism=1, epochs=3)
+        assert double.objects[("experiments", NS, tune_name)]["spec"]["trialTemplate"]["trialSpec"]["kind"] == kind
+
+        double.script("inferenceservices", "bincounter", kd.isvc_rollout(NS, "bincounter", 1))
+        dep = dsl.Model(name="model", uri=str(tmp_path / "m"), metadata={"uri": "s3://work/runs/x/model"})
+        components.deploy.python_func(model=dep, shards=_shards(tmp_path), engine="kubernetes", run_id=RUN,
+                                      smoke_images=0)
+        assert not double.rejected, double.rejected
+    finally:
+        gen.close()

@@ -49,7 +49,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
     run_dir, outputs, seconds = run_local_pipeline(tmp_path / "root", **_params(s3_endpoint, buckets))
     deployed = outputs["deploy"]["parameterValues"]
     try:
-        assert set(outputs) == {"download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
+        assert set(outputs) == {"check", "download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
         assert set(seconds) >= {"download", "split", "tune", "train", "evaluate", "deploy"}
 
         # download -> split: every synthetic bin landed in exactly one split, in the working store.
