@@ -69,7 +69,7 @@ def bincounter_pipeline(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
-    short_side: int = 512,
+    short_side: int = 0,
     shard_size: int = 1000,
     train_ids: str = "",
     val_ids: str = "",
@@ -88,6 +88,7 @@ def bincounter_pipeline(
     tune_epochs: int = 3,
     tune_gpus_per_trial: int = 1,
     deploy_model: bool = True,
+    canary_percent: int = 0,
     model_name: str = "bincounter",
     smoke_images: int = 4,
     image_tag: str = images.tag(),
@@ -126,7 +127,7 @@ def bincounter_pipeline(
 
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
-            test=test_fraction, seed=split_seed, short_side=short_side, shard_size=shard_size,
+            test=test_fraction, seed=split_seed, short_side=short_side, input_size=input_size, shard_size=shard_size,
             train_ids=train_ids, val_ids=val_ids, s3_endpoint_url=s3_endpoint_url),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
@@ -163,9 +164,9 @@ def bincounter_pipeline(
         with dsl.If(deploy_model == True, name="deploy-if-enabled"):  # noqa: E712 (a KFP condition, not Python)
             deploy_task = _on_cluster(deploy(
                 model=train_task.outputs["model"], shards=split_task.outputs["shards"], engine=engine,
-                run_id=run_id, model_name=model_name, smoke_images=smoke_images, namespace=namespace,
-                image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret, work_uri=work_uri),
-                **on_cluster)
+                run_id=run_id, model_name=model_name, smoke_images=smoke_images, canary_percent=canary_percent,
+                namespace=namespace, image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret,
+                work_uri=work_uri), **on_cluster)
             deploy_task.after(evaluate_task)  # deploy only a model that has been evaluated
             deploy_task.set_caching_options(False)
             deploy_task.set_retry(num_retries=2, backoff_duration="30s")

@@ -8,7 +8,7 @@ median and min of the repeats are reported, with ratios against the named baseli
    per GPU, AdamW): ``fp32`` (baseline), ``bf16`` (autocast), ``bf16+cl`` (channels_last),
    ``bf16+cl+compile`` (``torch.compile``);
 2. data-loader img/s per CPU core: ``ShardDataset`` over synthetic shards stored at the recipe's
-   short side (512), JPEG decode and the training transform in 1, 2, 4 ... DataLoader workers,
+   short side (the input size, 384), JPEG decode and the training transform in 1, 2, 4 ... DataLoader workers,
    divided by the workers (one core each), so you can size the CPUs a GPU needs;
 3. DDP scaling 1 -> N GPUs of this node (N = all visible, when more than one): the training
    step (bf16+cl) under DistributedDataParallel (nccl), img/s in all and efficiency.
@@ -112,7 +112,7 @@ def bench_loader(args) -> dict:
     from bincounter.data import shards
 
     uris = shards.shard_uris(f"{tmp}/split", "train")
-    transform = presets.train_transform(args.input_size, model_lib.IMAGENET_MEAN, model_lib.IMAGENET_STD)
+    transform = presets.train_transform(args.input_size)  # the worker half: uint8 out
     out = {}
     for workers in args.loader_workers:
         ds = ShardDataset(uris, transform, max_count=5, k_or_more=True)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50", choices=model_lib.ARCHITECTURES)
     p.add_argument("--input-size", type=int, default=presets.INPUT_SIZE)
-    p.add_argument("--short-side", type=int, default=presets.SHORT_SIDE)
+    p.add_argument("--short-side", type=int, default=presets.short_side_for(presets.INPUT_SIZE))
     p.add_argument("--batch-size", type=int, default=64, help="images per GPU per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (compile, autotune)")

@@ -38,7 +38,7 @@ DEMO_DEFAULTS: dict[str, tuple[Any, str]] = {
     "images": (600, "synthetic bins to generate"),
     "max_count": (4, "K: bins hold 0..K items; classes are counts 0..K"),
     "seed": (0, "seed of the synthetic data and the split"),
-    "short_side": (72, "split: resize images so the short side is this many px (production: 512)"),
+    "short_side": (72, "split: resize images so the short side is this many px (production: 0, i.e. the input size)"),
     "arch": ("resnet18", "network (production: resnet50)"),
     "input_size": (64, "model input in px (production: 384; 64 is the trainer's minimum)"),
     "epochs": (8, "training epochs (production: 30)"),

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from bincounter import augment as augment_lib
 from bincounter import distributed as dist_utils
 from bincounter import model as model_lib
 from bincounter import presets, storage
@@ -96,8 +97,10 @@ class TrainConfig:
     sync_bn: str = "auto"  # SyncBatchNorm: auto = on GPUs when the per-rank batch is below 32
     decoding: str = "auto"  # how probabilities become a count; auto: chosen on validation
     input_size: int = presets.INPUT_SIZE
-    resize_size: int = 0  # training only: resize to this square, then random-crop input_size (0: = input_size)
+    resize_size: int = 0  # eval: resize the whole image to this square, then centre-crop input_size (0: = input_size)
     workers: int = 4  # DataLoader worker processes per rank
+    augment: str = "trivial"  # photometric policy, run batch-wise on the device (bincounter/augment.py)
+    gpu_decode: str = "auto"  # auto: nvJPEG on the training GPU under CUDA; off: decode in the workers
     shuffle_buffer: int = 1000  # samples per worker shuffled on the fly (shard order is shuffled too)
     seed: int = 0
     device: str = "auto"
@@ -116,6 +119,11 @@ class TrainConfig:
                               ("decoding", DECODING_CHOICES), ("head", model_lib.HEADS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Invalid {name} {getattr(self, name)!r}. Only {', '.join(choices)} are supported.")
+        if self.augment not in augment_lib.POLICIES:
+            raise ValueError(f"Invalid augment {self.augment!r}. Only {', '.join(augment_lib.POLICIES)} are supported.")
+        if self.gpu_decode not in presets.GPU_DECODE_CHOICES:
+            raise ValueError(f"Invalid gpu_decode {self.gpu_decode!r}. "
+                             f"Only {', '.join(presets.GPU_DECODE_CHOICES)} are supported.")
         for name in ("epochs", "batch_size", "max_count", "print_freq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -198,7 +206,7 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, epoch: int, cfg: TrainConfig,
                     steps_per_epoch: int | None, peak_lr: float, ema: AveragedModel | None = None,
-                    profiler=None) -> dict[str, float]:
+                    profiler=None, device_transform=None) -> dict[str, float]:
     """One pass over this rank's share of the training data. Returns the epoch's metrics, over all ranks.
 
     Ranks may hold different numbers of samples. Every step the ranks agree (one tiny all-reduce)
@@ -222,18 +230,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         if n_step == 0:
             break
         step += 1
-        if batch is None:  # padding step: an empty batch of the right shape
-            batch = (torch.zeros(0, *shape), torch.zeros(0, dtype=torch.int64))
-        images, targets = batch
-        shape = tuple(images.shape[1:])
         progress = epoch + (min((step - 1) / steps_per_epoch, 0.999) if steps_per_epoch else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * lr_factor(progress, cfg.warmup, cfg.epochs)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        if batch is None:  # padding step: an empty batch of the model's input shape, on the device
+            images = torch.zeros(0, *shape, device=device)
+            targets = torch.zeros(0, dtype=torch.int64, device=device)
+        else:
+            images, targets = batch
+            # Workers ship uint8; augmentation, float conversion and normalisation happen here, batch-wise.
+            images = device_transform(images, device) if device_transform else images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            shape = tuple(images.shape[1:])
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        # (insertion point: batch-wise augmentation on the device goes here, on real batches only)
         with _bn_counters_kept(model, n_local == 0), \
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_local = criterion(model(images), targets)  # summed over this rank's samples
@@ -428,9 +438,10 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     main_process = dist_utils.is_main_process()
     ckpt_dir = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     checkpoint_uri, best_uri = storage.join(ckpt_dir, CHECKPOINT_FILE), storage.join(ckpt_dir, BEST_FILE)
-    # Evaluation, serving and audit read the whole bin at the training size: no centre crop.
+    # Evaluation, serving and audit read the whole bin at the training size (no centre crop unless
+    # --resize-size asks for one).
     model_cfg = model_lib.ModelConfig(arch=cfg.arch, max_count=cfg.max_count, k_or_more=cfg.k_or_more,
-                                      input_size=cfg.input_size, resize_size=cfg.input_size, dropout=cfg.dropout,
+                                      input_size=cfg.input_size, resize_size=cfg.resize_size, dropout=cfg.dropout,
                                       head=cfg.head, train_args=dataclasses.asdict(cfg))
     peak_lr = cfg.peak_lr(env.world_size)
     log.info("launcher=%s rank=%d/%d local_rank=%d device=%s pid=%d restart=%d", env.launcher, env.rank,
@@ -442,12 +453,16 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
 
     # Data: this rank's share of each split, ranks balanced by the manifest's per-shard counts.
     manifest = shards.read_manifest(cfg.data)
+    gpu_decode = presets.use_gpu_decode(cfg.gpu_decode, device)  # then workers ship JPEG bytes, decoded on the GPU
+    device_transform = presets.train_device_transform(model_cfg.mean, model_cfg.std, cfg.augment,
+                                                      cfg.input_size if gpu_decode else None, cfg.seed,
+                                                      env.rank).to(device)
     train_set = ShardDataset(shards.shard_uris(cfg.data, "train"),
-                             presets.train_transform(cfg.input_size, model_cfg.mean, model_cfg.std, cfg.resize_size),
+                             None if gpu_decode else presets.train_transform(cfg.input_size),
                              cfg.max_count, cfg.k_or_more, env.rank, env.world_size, cfg.shuffle_buffer, cfg.seed,
                              shard_sizes=shard_sample_counts(manifest, "train", cfg.max_count, cfg.k_or_more))
     val_set = ShardDataset(shards.shard_uris(cfg.data, cfg.val_split),
-                           presets.eval_transform(cfg.input_size, cfg.input_size, model_cfg.mean, model_cfg.std),
+                           presets.eval_transform(cfg.input_size, cfg.resize_size, model_cfg.mean, model_cfg.std),
                            cfg.max_count, cfg.k_or_more, env.rank, env.world_size,
                            shard_sizes=shard_sample_counts(manifest, cfg.val_split, cfg.max_count, cfg.k_or_more))
     train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, device)
@@ -505,9 +520,10 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     for epoch in range(start_epoch, cfg.epochs):
         seed_all(cfg.seed, epoch, env.rank)
         train_set.set_epoch(epoch)
+        device_transform.set_epoch(epoch)
         with _maybe_profile(cfg, epoch == start_epoch, env.rank) as profiler:
             row = train_one_epoch(ddp_model, train_loader, criterion, optimizer, scaler, device, epoch, cfg,
-                                  steps_in(epoch), peak_lr, ema, profiler)
+                                  steps_in(epoch), peak_lr, ema, profiler, device_transform)
         # BatchNorm statistics of rank 0 (the checkpointed ones) everywhere, for the model and its EMA.
         dist_utils.broadcast_buffers(model)
         candidates = {"model": validate(model, val_loader, device, model_cfg.num_classes, model_cfg.class_names)}
@@ -619,9 +635,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--decoding", "how class probabilities become a count (recorded in config.json for serving and "
                       "audit); auto picks on validation", choices=DECODING_CHOICES)
     add("--input-size", "model input in pixels: training, evaluation and serving resize the whole bin to it")
-    add("--resize-size", "training only: resize to this square, then random-crop --input-size; "
-                         "0 means --input-size, no crop")
+    add("--resize-size", "eval: resize whole images to this square, then centre-crop --input-size; 0 means "
+                         "--input-size, no crop (the default: the whole bin in view). Training never crops")
     add("--workers", "DataLoader worker processes per rank")
+    add("--augment", "photometric augmentation, batch-wise on the device: trivial (TrivialAugmentWide's "
+                     "photometric ops), jitter (ColorJitter 0.2) or none", choices=augment_lib.POLICIES)
+    add("--gpu-decode", "auto: decode JPEGs on the GPU (nvJPEG) when training on CUDA; off: in the workers",
+        choices=presets.GPU_DECODE_CHOICES)
     add("--shuffle-buffer", "samples per worker in the shuffle buffer (0: no shuffling)")
     add("--seed", "random seed (data order, augmentation, initialisation)")
     add("--device", "where to train: auto picks cuda:LOCAL_RANK when a GPU is visible", choices=("auto", "cpu", "cuda"))

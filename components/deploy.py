@@ -18,6 +18,7 @@ def deploy(
     smoke_images: int = 4,
     min_replicas: int = 1,
     max_replicas: int = 3,
+    canary_percent: int = 0,
     namespace: str = "",
     image_tag: str = "",
     deadline_minutes: int = 30,
@@ -42,6 +43,9 @@ def deploy(
         smoke_images: Test images to send once the endpoint is ready (0: no check).
         min_replicas: Fewest predictor replicas (kubernetes).
         max_replicas: Most predictor replicas (kubernetes).
+        canary_percent: 1..99: roll the model out as a canary taking that share of the traffic, the
+            current model keeping the rest, until ``bincounter k8s promote`` or ``rollback``
+            (kubernetes); 0 replaces the model. The local engine always replaces.
         namespace: Namespace of the InferenceService; empty: the namespace this step runs in.
         image_tag: Tag of the server image; empty: the tag this pipeline was compiled with.
         deadline_minutes: Give up after this long waiting for readiness.
@@ -70,6 +74,8 @@ def deploy(
     if engine == "local":
         from bincounter.engines import local
 
+        if canary_percent:
+            print(f"canary_percent={canary_percent} applies to the kubernetes engine; the local server is replaced")
         deployment = local.start_server(model.path, model_name=model_name, run_id=run_id,
                                         ready_timeout_s=deadline_minutes * 60)
     else:
@@ -78,7 +84,7 @@ def deploy(
         deployment = kubernetes.deploy(model.metadata["uri"], model_name=model_name, run_id=run_id,
                                        namespace=namespace, image_tag=image_tag, min_replicas=min_replicas,
                                        max_replicas=max_replicas, s3_secret=s3_secret,
-                                       deadline_s=deadline_minutes * 60)
+                                       deadline_s=deadline_minutes * 60, canary_percent=canary_percent)
     print(f"serving {model_name} at {deployment.url}")
     predictions = []
     if smoke_images > 0:

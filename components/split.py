@@ -15,7 +15,8 @@ def split(
     val: float = 0.1,
     test: float = 0.1,
     seed: int = 0,
-    short_side: int = 512,
+    short_side: int = 0,
+    input_size: int = 384,
     shard_size: int = 1000,
     train_ids: str = "",
     val_ids: str = "",
@@ -38,7 +39,9 @@ def split(
         val: Validation fraction per class.
         test: Test fraction per class.
         seed: Assignment and shard-order seed.
-        short_side: Images are resized so their short side is this many pixels.
+        short_side: Images are resized so their short side is this many pixels; 0 follows ``input_size``.
+        input_size: The model input the shards are for: the trainer reads each whole image at this
+            size, so a larger short side only costs decode time.
         shard_size: Samples per shard.
         train_ids: Path or ``s3://`` URI of a split file for train (``counting_train.json``: the
             324,735 bins the published counting figures train on); empty: stratified split.
@@ -50,7 +53,7 @@ def split(
     import os
     import time
 
-    from bincounter import storage
+    from bincounter import presets, storage
     from bincounter.data import download as download_lib
     from bincounter.data import split as split_lib
     from bincounter.data.shards import MANIFEST
@@ -63,7 +66,8 @@ def split(
     # folder may hold more bins from earlier runs) and spares reading every metadata file.
     source = storage.join(raw.metadata.get("uri") or raw.path, download_lib.MANIFEST)
     manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
-                               short_side=short_side, shard_size=shard_size, workers=workers,
+                               short_side=short_side or presets.short_side_for(input_size),
+                               shard_size=shard_size, workers=workers,
                                train_ids=train_ids or None, val_ids=val_ids or None)
     os.makedirs(shards.path, exist_ok=True)
     for rel in [MANIFEST, *manifest.get("files", {}).values()]:

@@ -274,6 +274,43 @@ def isvc_rollout(ns: str, name: str, generation: int, ksvc_generation: int | Non
     return [old, old, pending, pending, isvc_ready(ns, name, ksvc)]
 
 
+def _traffic_split(name: str, latest: int, rolled_out: int, latest_percent: int) -> list[dict]:
+    """The predictor's traffic while canaryTrafficPercent is set (KServe
+    pkg/controller/v1beta1/inferenceservice/reconcilers/knative/ksvc_reconciler.go: the latest
+    revision gets the canary percent, the last rolled-out revision, tagged "prev", the rest);
+    Knative's route status names the revision behind latestRevision: true."""
+    split = [{"latestRevision": True, "percent": latest_percent, "revisionName": _revision(name, latest)}]
+    if latest_percent < 100:
+        split.append({"latestRevision": False, "percent": 100 - latest_percent, "tag": "prev",
+                      "revisionName": _revision(name, rolled_out)})
+    return split
+
+
+def isvc_canary(ns: str, name: str, generation: int, percent: int) -> list[dict]:
+    """An update with canaryTrafficPercent: the new revision rolls out (isvc_rollout), then the
+    traffic splits between it and the revision rolled out before (latestRolledoutRevision)."""
+    seq = isvc_rollout(ns, name, generation)
+    final = copy.deepcopy(seq[-1])
+    final["components"]["predictor"].update(latestRolledoutRevision=_revision(name, generation - 1),
+                                            traffic=_traffic_split(name, generation, generation - 1, percent))
+    return seq[:-1] + [final]
+
+
+def isvc_traffic_moved(ns: str, name: str, generation: int, revision: int, rolled_out: int,
+                       latest_percent: int) -> list[dict]:
+    """Promote (canaryTrafficPercent removed: latest 100) or rollback (0: all to the rolled-out
+    revision). The pod template is unchanged, so no revision is created: the old split shows
+    first, then the route's new one."""
+    before = copy.deepcopy(isvc_ready(ns, name, generation - 1, revision))
+    before["components"]["predictor"].update(latestRolledoutRevision=_revision(name, rolled_out),
+                                             traffic=_traffic_split(name, revision, rolled_out, 10))
+    after = copy.deepcopy(isvc_ready(ns, name, generation, revision))
+    after["components"]["predictor"].update(
+        latestRolledoutRevision=_revision(name, revision if latest_percent == 100 else rolled_out),
+        traffic=_traffic_split(name, revision, rolled_out, latest_percent))
+    return [before, before, after]
+
+
 def isvc_failed_load(ns: str, name: str, generation: int) -> list[dict]:
     return isvc_rollout(ns, name, generation)[:3] + [{
         "observedGeneration": generation,

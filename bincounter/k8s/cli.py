@@ -1,9 +1,11 @@
-"""`bincounter k8s check|train|tune|deploy`: check a cluster, or run a stage on it and wait for it.
+"""`bincounter k8s check|train|tune|deploy|promote|rollback`: check a cluster, or run a stage on it and wait for it.
 
     bincounter k8s check --namespace kubeflow-user-example-com
     bincounter k8s train --data s3://b/split --output s3://b/models/m1 --workers 2 --gpus-per-worker 1 -- --epochs 10
     bincounter k8s tune --data s3://b/split --trials-uri s3://b/tuning --max-trials 12 -- --epochs 3
     bincounter k8s deploy --storage-uri s3://b/models/m1
+    bincounter k8s deploy --storage-uri s3://b/models/m2 --canary-percent 10   # then:
+    bincounter k8s promote        # or: bincounter k8s rollback
 
 ``check`` prints one row per preflight check (bincounter.k8s.check) and exits 1 when one
 fails. Arguments after ``--`` go to ``bincounter.train`` unchanged. The result (model URI,
@@ -77,7 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="bincounter k8s", description=__doc__.splitlines()[0], add_help=add_help,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{check,train,tune,deploy}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{check,train,tune,deploy,promote,rollback}")
 
     p = sub.add_parser("check", help="preflight: is this cluster and namespace ready for a run?", formatter_class=fmt)
     p.add_argument("--namespace", default=None,
@@ -118,8 +120,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--deployment-mode", choices=o.DEPLOYMENT_MODES, default="Serverless",
                    help="KServe deployment mode; RawDeployment allows --node-selector/--toleration (GPU nodes)")
     p.add_argument("--scale-target", type=int, default=8, help="autoscaling target per replica")
+    p.add_argument("--canary-percent", type=int, default=0,
+                   help="send this share of the traffic to the new model, the rest to the current one, until "
+                        "`bincounter k8s promote` or `rollback` (Serverless only); 0 replaces the model")
+    p.add_argument("--grpc", action="store_true",
+                   help="expose the Open Inference Protocol over gRPC (port 8081) instead of REST")
     _common(p, o.MODEL_NAME, 1800, 5, True)
     _resources(p, "1", "2Gi", training=False)
+
+    for stage, what in (("promote", "finish a canary rollout: all traffic to the new model"),
+                        ("rollback", "undo a canary rollout: all traffic back to the previous model")):
+        p = sub.add_parser(stage, help=what, formatter_class=fmt)
+        p.add_argument("--name", default=o.MODEL_NAME, help="InferenceService name")
+        p.add_argument("--namespace", default=o.DEFAULT_NAMESPACE, help="namespace")
+        p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the traffic to move")
+        p.add_argument("--poll", type=float, default=5, help="seconds between status checks")
+        p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+        p.add_argument("--context", default=None, help="kubeconfig context")
+        p.add_argument("--result-json", default=None, help="also write the result JSON to this file")
     return parser
 
 
@@ -150,7 +168,12 @@ def tune_kwargs(args) -> dict:
 def deploy_kwargs(args) -> dict:
     return dict(storage_uri=args.storage_uri, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                 scale_metric=args.scale_metric, scale_target=args.scale_target,
-                deployment_mode=args.deployment_mode, **_common_kwargs(args))
+                deployment_mode=args.deployment_mode, canary_percent=args.canary_percent, grpc=args.grpc,
+                **_common_kwargs(args))
+
+
+def canary_kwargs(args) -> dict:
+    return dict(timeout_s=args.timeout, poll_s=args.poll)
 
 
 def run_check(args: argparse.Namespace, api_client=None) -> int:
@@ -166,7 +189,8 @@ def main(args: argparse.Namespace, api_client=None) -> int:
     if args.stage == "check":
         return run_check(args, api_client)
     run, kwargs = {"train": (launchers.train, train_kwargs), "tune": (launchers.tune, tune_kwargs),
-                   "deploy": (launchers.deploy, deploy_kwargs)}[args.stage]
+                   "deploy": (launchers.deploy, deploy_kwargs), "promote": (launchers.promote, canary_kwargs),
+                   "rollback": (launchers.rollback, canary_kwargs)}[args.stage]
     client = api_client or launchers.load_api_client(args.kubeconfig, args.context)
     try:
         result = run(args.name, args.namespace, api_client=client, **kwargs(args))

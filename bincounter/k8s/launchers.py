@@ -350,8 +350,12 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
            labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
            timeout_s: float = 1800, poll_s: float = 5.0, replace: bool = True, cleanup: str = "on-failure",
            report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
-           log: Log = print_flush, deployment_mode: str = "Serverless") -> dict[str, Any]:
+           log: Log = print_flush, deployment_mode: str = "Serverless", canary_percent: int = 0,
+           grpc: bool = False) -> dict[str, Any]:
     """Create or update the InferenceService and wait until its new model serves.
+
+    canary_percent (1..99, Serverless): the new model gets that share of the traffic, the last
+    fully rolled-out one the rest, until ``promote`` or ``rollback``; 0 replaces the model.
 
     Serverless: Ready, with latestReadyRevision == latestCreatedRevision and that revision
     new (see isvc_done). RawDeployment: Ready and the predictor Deployment rolled out.
@@ -368,7 +372,8 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
                               resources=o.Resources(cpu=cpu, memory=memory), min_replicas=min_replicas,
                               max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
                               node_selector=node_selector, tolerations=tolerations, labels=labels,
-                              service_account_name=service_account_name, deployment_mode=deployment_mode)
+                              service_account_name=service_account_name, deployment_mode=deployment_mode,
+                              canary_traffic_percent=canary_percent, grpc=grpc)
     cluster = Cluster(api_client)
     serverless = deployment_mode == "Serverless"
     if cleanup not in CLEANUP_CHOICES:
@@ -431,9 +436,79 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
     internal = (st.get("address") or {}).get("url")
     result = {"url": url, "internal_url": internal,
               "model_url": f"{(internal or url or '').rstrip('/')}/v1/models/{model_name}:predict",
-              "name": name, "namespace": namespace, "generation": generation, "storage_uri": storage_uri}
-    log(f"InferenceService {name} is Ready: {url} (in-cluster {internal})")
+              "name": name, "namespace": namespace, "generation": generation, "storage_uri": storage_uri,
+              "traffic": traffic(final)}
+    log(f"InferenceService {name} is Ready: {url} (in-cluster {internal}); traffic {result['traffic']}")
     return result
+
+
+def traffic(obj: Mapping | None) -> dict[str, int]:
+    """{revision: percent} of the predictor; the latest revision is listed by name too (its
+    entry is latestRevision: true, KServe's ksvc_reconciler.go)."""
+    pred = (((obj or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+    out: dict[str, int] = {}
+    for t in pred.get("traffic") or []:
+        revision = t.get("revisionName") or (pred.get("latestReadyRevision") if t.get("latestRevision") else None)
+        if revision:
+            out[revision] = out.get(revision, 0) + int(t.get("percent") or 0)
+    return out
+
+
+def promote(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, **kwargs) -> dict[str, Any]:
+    """Finish a canary rollout: all traffic to the new (latest ready) revision."""
+    return _end_canary(name, namespace, promote=True, **kwargs)
+
+
+def rollback(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, **kwargs) -> dict[str, Any]:
+    """Undo a canary rollout: all traffic back to the last fully rolled-out revision.
+
+    canaryTrafficPercent 0 pins the traffic to it (KServe's documented rollback); the canary's
+    revision stays, taking no traffic, until the next deploy replaces it.
+    """
+    return _end_canary(name, namespace, promote=False, **kwargs)
+
+
+def _end_canary(name: str, namespace: str, *, promote: bool, timeout_s: float = 600, poll_s: float = 5.0,
+                report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
+                log: Log = print_flush) -> dict[str, Any]:
+    cluster = Cluster(api_client)
+    current = cluster.get("InferenceService", namespace, name)
+    if current is None:
+        raise LaunchError(f"InferenceService {namespace}/{name} not found")
+    predictor = current["spec"]["predictor"]
+    percent = predictor.get("canaryTrafficPercent")
+    action = "promote" if promote else "rollback"
+    if percent is None or (promote and percent == 100) or (not promote and percent == 0):
+        raise LaunchError(f"InferenceService {namespace}/{name} has no canary rollout to {action} "
+                          f"(canaryTrafficPercent is {percent}); start one with deploy --canary-percent N")
+    pred_status = ((current.get("status") or {}).get("components") or {}).get("predictor") or {}
+    latest, previous = pred_status.get("latestReadyRevision"), pred_status.get("latestRolledoutRevision")
+    if promote:
+        predictor.pop("canaryTrafficPercent")
+    else:
+        predictor["canaryTrafficPercent"] = 0
+    try:
+        cluster.update(current)
+    except ApiException as e:
+        raise LaunchError(f"could not {action} InferenceService {namespace}/{name}: {e.status} {e.reason}: {e.body}") from e
+    log(f"{action}: InferenceService {namespace}/{name} canaryTrafficPercent {percent} -> "
+        f"{'unset' if promote else 0}")
+    # The pod template is unchanged: no new revision, only the route's traffic moves.
+    target = latest if promote else previous
+
+    def done(cur):
+        finished, failure = isvc_done(cur, new_revision_expected=False)
+        return (finished and (failure is not None or target is None or traffic(cur).get(target) == 100)), failure
+
+    try:
+        final = wait_for(cluster, current, done, lambda cur: f"traffic {traffic(cur)}",
+                         deadline=time.monotonic() + timeout_s, poll_s=poll_s, log=log,
+                         report_every_s=report_every_s)
+    except TimeoutError as e:
+        raise LaunchError(f"{e} after {timeout_s:.0f}s") from e
+    log(f"InferenceService {namespace}/{name}: traffic {traffic(final)}")
+    return {"name": name, "namespace": namespace, "action": action, "traffic": traffic(final),
+            "revision": target}
 
 
 def run_labels(run_id: str) -> dict[str, str]:

@@ -40,7 +40,7 @@ TRIALS_URI = f"{BUCKET}/tuning/trials"
 # point --pretrained at an s3:// copy on clusters without internet access).
 TRAIN_EXTRA_ARGS = ("--arch", "resnet50", "--pretrained", "imagenet", "--epochs", "10", "--resume")
 TUNE_EXTRA_ARGS = ("--arch", "resnet50", "--pretrained", "imagenet", "--epochs", "3")
-GPU_NODE = o.Resources(cpu="8", memory="32Gi", gpus=1)
+GPU_NODE = o.Resources(cpu=str(o.CPUS_PER_GPU), memory="32Gi", gpus=1)
 
 
 def _image(role: str) -> str:

@@ -37,6 +37,7 @@ MODEL_NAME = "bincounter"
 TRAIN_CONTAINER = "pytorch"           # the Training Operator requires this name
 PREDICTOR_CONTAINER = "kserve-container"  # KServe injects the storage initializer for this name
 SERVER_PORT = 8080
+GRPC_PORT = 8081  # bincounter serve --enable_grpc true --grpc_port (KServe's default)
 # Trainer v2's `torch-distributed` ClusterTrainingRuntime names its replicated job and
 # its container "node" (kubeflow/trainer manifests/base/runtimes/torch_distributed.yaml).
 TRAINJOB_RUNTIME = "torch-distributed"
@@ -97,6 +98,14 @@ def placement(spot: bool, gpus: int) -> tuple[dict[str, str] | None, list[dict] 
         selector["nvidia.com/gpu.present"] = "true"
         tolerations.append(dict(SPOT_TOLERATIONS[0]))
     return selector or None, tolerations or None
+
+
+# CPUs a training pod requests per GPU (docs/data.md, "CPU per GPU, the arithmetic"). DataLoader
+# workers decode, resize and flip 1,967 images/s per core at 224 px (docs/benchmarks/data.md,
+# section 3; augmentation runs on the GPU), so an A100's ~2,470 images/s (ResNet-50, AMP) takes
+# 1.3 cores, plus one for the training process: 4 leaves 1.7x headroom. With GPU JPEG decode
+# (the default on CUDA) the workers only read shards.
+CPUS_PER_GPU = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,8 +527,19 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
                       node_selector: Mapping[str, str] | None = None,
                       tolerations: Sequence[Mapping] | None = None,
                       labels: Mapping[str, str] | None = None,
-                      deployment_mode: str = "Serverless") -> dict:
+                      deployment_mode: str = "Serverless", canary_traffic_percent: int = 0,
+                      grpc: bool = False) -> dict:
     """The InferenceService (serving.kserve.io/v1beta1) with the custom predictor.
+
+    canary_traffic_percent (Serverless only; 0 or 100: replace): an update sends that share of
+    the traffic to the new revision and the rest to the last fully rolled-out one (KServe
+    pkg/controller/v1beta1/inferenceservice/reconcilers/knative/ksvc_reconciler.go); promote or
+    roll back with launchers.promote / launchers.rollback.
+
+    grpc: the predictor exposes the Open Inference Protocol over gRPC (port 8081, named ``h2c`` so
+    Knative routes HTTP/2 to it) instead of REST; Knative routes one port per container, so one
+    InferenceService serves one of the two. Its probes are TCP checks on that port (the server
+    opens its ports only once the model has loaded).
 
     STORAGE_URI on the ``kserve-container`` makes KServe's storage initializer
     download the model folder into /mnt/models with the S3 Secret found through
@@ -545,6 +565,11 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
     if scale_metric not in allowed_metrics:
         raise ValueError(f"Invalid scale_metric {scale_metric!r} for {deployment_mode}. "
                          f"Only {', '.join(allowed_metrics)} are supported.")
+    if not 0 <= canary_traffic_percent <= 100:
+        raise ValueError(f"canary_traffic_percent must be 0..100 (0: replace), got {canary_traffic_percent}")
+    if raw and 0 < canary_traffic_percent < 100:
+        raise ValueError("canary rollouts need deployment_mode Serverless: KServe splits traffic between Knative "
+                         "revisions, and a RawDeployment has none")
     if not raw and (node_selector or tolerations):
         raise ValueError("Knative (deployment_mode Serverless) rejects a predictor with nodeSelector or "
                          "tolerations under Kubeflow's default config-features; use deployment_mode "
@@ -567,10 +592,18 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         "securityContext": container_sc,
         "readinessProbe": {"httpGet": {"path": f"/v1/models/{model_name}", "port": SERVER_PORT},
                            "initialDelaySeconds": 5, "periodSeconds": 5, "failureThreshold": 3},
+        # The server listens only once the model has loaded, ONNX export included (~30-60 s for a
+        # ResNet-50 on one CPU): liveness starts late enough not to kill a loading server.
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": SERVER_PORT},
-                          "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 3},
+                          "initialDelaySeconds": 120, "periodSeconds": 10, "failureThreshold": 3},
         "volumeMounts": mounts,
     }
+    if grpc:
+        container["args"] += ["--enable_grpc", "true", "--grpc_port", str(GRPC_PORT)]
+        container["ports"] = [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"}]
+        for probe in ("readinessProbe", "livenessProbe"):
+            container[probe] = {**{k: v for k, v in container[probe].items() if k != "httpGet"},
+                                "tcpSocket": {"port": GRPC_PORT}}
     predictor: dict[str, Any] = {
         "serviceAccountName": service_account_name,
         "automountServiceAccountToken": False,  # S3 credentials come from the Secret, not the API
@@ -578,6 +611,8 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         "scaleMetric": scale_metric, "scaleTarget": scale_target,
         "containers": [container], "volumes": volumes,
     }
+    if 0 < canary_traffic_percent < 100:
+        predictor["canaryTrafficPercent"] = canary_traffic_percent
     if raw:
         predictor["securityContext"] = pod_sc  # fsGroup: the storage initializer's files are readable
         if node_selector:
