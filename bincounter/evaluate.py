@@ -2,7 +2,9 @@
 
 The metric functions are pure (labels in, numbers out) so they can be checked
 against values worked out by hand; ``evaluate`` runs a model over shards and
-calls them. Counts are class indices: with ``--k-or-more`` the last class means
+calls them, for each decoding of the probabilities (``model.decode``: argmax,
+median, expected count) side by side; the top-level metrics are those of the
+decoding recorded in the model's config.json. Counts are class indices: with ``--k-or-more`` the last class means
 "K or more" and counts as K in RMSE/MAE.
 
 Example::
@@ -106,11 +108,13 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     net, cfg = model_lib.load_model_dir(model_dir, device=dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    # The whole bin at the model's input size, as training validated and serving reads it.
     dataset = ShardDataset(shards.shard_uris(data, split),
                            presets.eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std),
                            max_count=cfg.max_count, k_or_more=cfg.k_or_more)
     loader = make_loader(dataset, batch_size, workers, dev)
-    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
+    k = cfg.num_classes
+    cms = {m: torch.zeros(k, k, dtype=torch.int64) for m in model_lib.DECODINGS}
     total = count_samples(shards.read_manifest(data), split, cfg.max_count, cfg.k_or_more)
     bar = tqdm(total=total, unit="img", desc=f"evaluate ({split})", disable=not progress)
     with torch.inference_mode(), bar:
@@ -119,16 +123,31 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
             images = images.to(dev, non_blocking=True)
             if dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            preds = net(images).argmax(dim=1).cpu()
-            cm += torch.bincount(targets * cfg.num_classes + preds, minlength=cfg.num_classes ** 2).view_as(cm)
-    metrics = metrics_from_confusion(cm.numpy(), cfg.class_names)
-    metrics.update(split=split, model=str(model_dir), data=str(data))
+            probs = net(images).float().softmax(dim=1).cpu()
+            for method, cm in cms.items():
+                cm += torch.bincount(targets * k + model_lib.decode(probs, method), minlength=k * k).view_as(cm)
+    # Top level: the decoding the model ships with (config.json); all three side by side under "decodings".
+    metrics = metrics_from_confusion(cms[cfg.decoding].numpy(), cfg.class_names)
+    metrics["decodings"] = {m: {key: v for key, v in metrics_from_confusion(cm.numpy(), cfg.class_names).items()
+                                if key in ("accuracy", "rmse", "mae", "within1", "macro_f1")}
+                            for m, cm in cms.items()}
+    metrics.update(split=split, model=str(model_dir), data=str(data), decoding=cfg.decoding)
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
-                            plots.confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+                            plots.confusion(cms[cfg.decoding].numpy(), cfg.class_names,
+                                            f"{split} ({cfg.decoding}): accuracy {metrics['accuracy']:.3f}"))
         predictions.write_predictions(model_dir, data, output, split, batch_size=batch_size, progress=progress)
     return metrics
+
+
+def decodings_table(metrics: dict) -> str:
+    """The decodings side by side, as a Markdown table (the shipped one marked)."""
+    rows = ["| decoding | accuracy | rmse | mae | within1 |", "|---|---|---|---|---|"]
+    for method, m in metrics["decodings"].items():
+        mark = " (shipped)" if method == metrics.get("decoding") else ""
+        rows.append(f"| {method}{mark} | {m['accuracy']:.4f} | {m['rmse']:.4f} | {m['mae']:.4f} | {m['within1']:.4f} |")
+    return "\n".join(rows)
 
 
 def summary_line(metrics: dict, prefix: str = "test") -> str:
@@ -157,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
                        progress=not args.no_progress)
     print(summary_line(metrics, prefix=args.split), flush=True)
+    print(decodings_table(metrics), flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ def download(
     source_auth: str = "unsigned",
     file_list: str = "",
     max_count: int = -1,
+    k_or_more: bool = False,
     limit: int = 0,
     workers: int = 16,
     s3_endpoint_url: str = "",
@@ -42,6 +43,7 @@ def download(
         source_auth: ``unsigned`` (public bucket), ``signed`` or ``auto``.
         file_list: Optional ``file_list.json`` (local path or ``s3://`` URI) selecting the bins.
         max_count: Skip bins with more than this many items; -1 keeps all.
+        k_or_more: Keep the bins above ``max_count`` anyway (training maps them to the class "K or more").
         limit: Stop after this many complete bins; 0 downloads the whole selection.
         workers: Concurrent bins in flight.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration
@@ -69,6 +71,8 @@ def download(
         print(f"starting from the existing split {split_uri}: nothing to download")
         return
     dest = storage.join(work_uri, "abid")
+    # With k_or_more the bins above max_count stay in (training maps them to "K or more").
+    max_count = -1 if k_or_more else max_count
     selection = {"source": source, "file_list": file_list, "max_count": max_count, "limit": limit}
     key = hashlib.sha256(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:16]
     own_manifest = storage.join(dest, f"manifest-{key}.json")

@@ -16,13 +16,16 @@ def split(
     test: float = 0.1,
     seed: int = 0,
     short_side: int = 0,
-    input_size: int = 224,
+    input_size: int = 384,
     shard_size: int = 1000,
+    train_ids: str = "",
+    val_ids: str = "",
     workers: int = 8,
     s3_endpoint_url: str = "",
     split_uri: str = "",
 ):
-    """Write stratified train/val/test shards to ``{work_uri}/splits/<key>``, or reuse them.
+    """Write train/val/test shards to ``{work_uri}/splits/<key>``, or reuse them: stratified by
+    count, or the standard ABID split when ``train_ids`` / ``val_ids`` name its files.
 
     The key hashes this selection's download manifest and the split settings: a
     rerun with the same selection and settings finds the finished split (its
@@ -47,6 +50,10 @@ def split(
         input_size: The model input the shards are for: the trainer reads each whole image at this
             size, so a larger short side only costs decode time.
         shard_size: Samples per shard.
+        train_ids: Path or ``s3://`` URI of a split file for train (``counting_train.json``: the
+            324,735 bins the published counting figures train on); empty: stratified split.
+        val_ids: Path or ``s3://`` URI of a split file for val (``counting_val.json``, 36,032 bins);
+            test is then carved from train by ``test``, as the standard split has no test set.
         workers: Parallel image readers and resizers.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         split_uri: An existing split folder to use as is (download and split are skipped).
@@ -77,7 +84,7 @@ def split(
                                                               download_lib.MANIFEST)
         short_side = short_side or presets.short_side_for(input_size)
         settings = {"val": val, "test": test, "seed": seed, "short_side": short_side, "shard_size": shard_size,
-                    "format": split_lib.FORMAT}
+                    "train_ids": train_ids, "val_ids": val_ids, "format": split_lib.FORMAT}
         digest = hashlib.sha256(storage.read_bytes(source) + json.dumps(settings, sort_keys=True).encode())
         out = storage.join(work_uri, "splits", digest.hexdigest()[:16])
         if storage.exists(storage.join(out, MANIFEST)):
@@ -85,7 +92,8 @@ def split(
             print(f"reusing the split of this selection and these settings: {out}")
         else:
             manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
-                                       short_side=short_side, shard_size=shard_size, workers=workers)
+                                       short_side=short_side, shard_size=shard_size, workers=workers,
+                                       train_ids=train_ids or None, val_ids=val_ids or None)
     storage.write_bytes(storage.join(work_uri, "runs", run_id, "split.json"), json.dumps({"uri": out}).encode())
     os.makedirs(shards.path, exist_ok=True)
     for rel in [MANIFEST, *manifest.get("files", {}).values()]:

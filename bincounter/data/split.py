@@ -220,7 +220,7 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
                  samples_for_grid: list) -> dict:
     import webdataset as wds
 
-    shards, written = [], []
+    shards, written, per_shard = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(records), shard_size):
             rel = f"{name}/shard-{len(shards):06d}.tar"
@@ -242,7 +242,10 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
             if n:
                 storage.upload_file(local, storage.join(out, rel), endpoint_url=endpoint_url)
                 shards.append(rel)
-    return {"shards": shards, "samples": len(written), "class_counts": abid.count_classes(written)}
+                # Per-shard class counts let training balance ranks by samples kept, not by shard count.
+                per_shard.append(abid.count_classes(written[-n:]))
+    return {"shards": shards, "samples": len(written), "class_counts": abid.count_classes(written),
+            "shard_class_counts": per_shard}
 
 
 def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bincounter.imaging import ImageError, ImageLimits, open_image
-from bincounter.model import ModelConfig
+from bincounter.model import ModelConfig, decode
 from bincounter.presets import eval_transform
 
 RUNTIMES = ("eager", "torchscript", "onnx")
@@ -113,7 +113,9 @@ class Counter:
 
     def postprocess(self, probs: torch.Tensor) -> list[Prediction]:
         names = self.config.class_names
-        confidence, index = probs.max(dim=1)
+        # The decoding training chose on validation (config.json "decoding"; argmax for older folders).
+        index = decode(probs, self.config.decoding)
+        confidence = probs.gather(1, index[:, None])[:, 0]
         return [Prediction(count=int(k), label=names[int(k)], confidence=float(c), probabilities=p.tolist())
                 for k, c, p in zip(index, confidence, probs)]
 
