@@ -20,10 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from bincounter import storage
+from bincounter import calibration, storage
 
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
@@ -111,8 +112,9 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
              batch_size: int = 64, workers: int = 2, device: str = "auto") -> dict:
     """Run the model folder over one split of a split folder and return its metrics.
 
-    With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json`` and
-    ``confusion_matrix.png`` there. Samples above the model's K are dropped, or
+    With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json``,
+    ``confusion_matrix.png`` and ``reliability.png`` there. ``ece`` is the expected calibration error
+    with the model's temperature, ``ece_uncalibrated`` at T = 1 (``bincounter.calibration``). Samples above the model's K are dropped, or
     mapped to the last class when the model was trained with ``k_or_more``, as in training.
     """
     import torch
@@ -131,25 +133,33 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
                            max_count=cfg.max_count, k_or_more=cfg.k_or_more)
     loader = make_loader(dataset, batch_size, workers, dev)
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
+    all_logits, all_targets = [], []  # for the calibration error (a few floats per sample)
     with torch.inference_mode():
         for images, targets in loader:
             images = images.to(dev, non_blocking=True)
             if dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            preds = net(images).argmax(dim=1).cpu()
+            logits = net(images).float().cpu()
+            preds = logits.argmax(dim=1)
             cm += torch.bincount(targets * cfg.num_classes + preds, minlength=cfg.num_classes ** 2).view_as(cm)
+            all_logits.append(logits)
+            all_targets.append(targets)
     metrics = metrics_from_confusion(cm.numpy(), cfg.class_names)
     metrics.update(split=split, model=str(model_dir), data=str(data))
+    metrics.update(calibration.evaluation_figures(torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy(),
+                                                  cfg.temperature))
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
                             plot_confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+        storage.write_bytes(storage.join(output, RELIABILITY_PNG), calibration.plot_reliability(
+            metrics["reliability_uncalibrated"], metrics["reliability"], f"{split}: reliability"))
     return metrics
 
 
 def summary_line(metrics: dict, prefix: str = "test") -> str:
     """``test-accuracy=0.5500 test-rmse=0.9300 ...``: the same name=value shape as the training lines."""
-    keys = ("accuracy", "rmse", "mae", "within1", "macro_f1")
+    keys = ("accuracy", "rmse", "mae", "within1", "macro_f1") + (("ece",) if "ece" in metrics else ())
     return " ".join(f"{prefix}-{k.replace('_', '-')}={metrics[k]:.4f}" for k in keys) + f" {prefix}-samples={metrics['samples']}"
 
 

@@ -44,6 +44,12 @@ class ModelConfig:
     std: tuple[float, ...] = IMAGENET_STD
     dropout: float = 0.0
     version: str = "1"
+    # Softmax temperature fitted on the validation split at the end of training (bincounter.calibration);
+    # serving, evaluation and the audit divide the logits by it. 1.0: uncalibrated.
+    temperature: float = 1.0
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # ECE/NLL before and after, per bin
+    # The audit flags a bin when P(expected quantity) < this (bincounter audit, serving's expected_quantity).
+    audit_threshold: float = 0.1
     train_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -71,6 +77,8 @@ class ModelConfig:
         if cfg.arch not in ARCHITECTURES:
             raise ValueError(f"Invalid arch {cfg.arch!r} in {CONFIG_FILE}. Only {', '.join(ARCHITECTURES)} are supported.")
         cfg.mean, cfg.std = tuple(cfg.mean), tuple(cfg.std)
+        if not (isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0):
+            raise ValueError(f"Invalid temperature {cfg.temperature!r} in {CONFIG_FILE}: must be a number > 0.")
         return cfg
 
 

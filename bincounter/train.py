@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from bincounter import distributed as dist_utils
 from bincounter import model as model_lib
-from bincounter import presets, storage
+from bincounter import calibration, presets, storage
 from bincounter.data import shards
 from bincounter.data.loader import ShardDataset, count_samples, make_loader
 from bincounter.evaluate import metrics_from_confusion
@@ -381,6 +381,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
             print(metric_line(epoch + 1, row), flush=True)
 
     final = dict(history[-1]) if history else {}
+    calibration.fit_into(model_cfg, model, val_loader, device, cfg.val_split)  # every rank: it gathers logits
     if main_process:
         writer.close()
         tb_dir.sync()
