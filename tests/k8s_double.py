@@ -27,7 +27,29 @@ sequences below REPLAY what the real controllers write, as documented upstream:
 - InferenceService: KServe v0.20 (pkg/apis/serving/v1beta1/inference_service_status.go)
   conditions IngressReady, PredictorReady, Ready, ... plus observedGeneration, url,
   address.url and modelStatus; after an update the OLD Ready=True stays visible with
-  the old observedGeneration until the controller observes the new generation.
+  the ISVC's observedGeneration as KServe copies it from the Knative Service (or Deployment),
+  whose generation is not the ISVC's; status.components.predictor has latestCreatedRevision
+  and latestReadyRevision (pkg/apis/serving/v1beta1/component_status.go).
+
+RELEASE PROFILES: ``K8sDouble(release="1.10.2")`` or ``("1.11.0")`` also replays what that
+Kubeflow release does, each behaviour read from the release's own files (tests/k8s_releases.py,
+which cites the upstream source of each):
+
+- API discovery (``GET /apis``, ``/apis/{group}/{version}``) lists only the kinds the release's
+  reference install has, and ``/openapi/v3/apis/trainer.kubeflow.org/v1alpha1`` serves the
+  installed TrainJob schema (``podTemplateOverrides`` in Trainer v2.1.0);
+- a request for a kind that is not installed gets 403 Forbidden, as a profile user sees it (the
+  aggregated ``kubeflow-edit`` role only grants kinds whose operator is installed);
+- admission validates against that release's CRDs; Knative's field masks reject a Serverless
+  predictor's disallowed PodSpec fields; Katib's experiment validator rejects a trial kind missing
+  from ``trialResources``;
+- Katib injects its metrics collector only in namespaces with its injection label: elsewhere every
+  trial ends MetricsUnavailable and the Experiment ends without a best trial;
+- SelfSubjectAccessReview answers from ``rbac_rules`` (default: the Role the manifests bind);
+- restarts by exit code: ``k8s_releases.training_operator_restarts`` and ``pytorchjob_after_exit``.
+
+Extension points for other behaviours (KFP run states, Indexed Jobs, canary rollouts): ``add_route``
+for new REST paths, ``on_create[plural]`` for what a controller does with a new object.
 
 Limits (stated plainly): no controllers, scheduling, admission webhooks, CEL rules,
 defaulting, watches or finalizers; deletion is immediate (Foreground is not
@@ -39,6 +61,7 @@ real cluster runs the job.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import threading
@@ -49,7 +72,9 @@ from urllib.parse import parse_qs, urlparse
 
 from kubernetes import client as k8s
 
+import k8s_releases
 import k8s_schemas
+from bincounter.k8s import objects as o
 
 T0 = "2026-11-22T01:00:00Z"
 T1 = "2026-11-22T02:00:00Z"
@@ -147,6 +172,63 @@ def trial(ns: str, experiment: str, name: str, state: str, params: dict[str, str
                                                     "latest": accuracy}]}}}
 
 
+def experiment_metrics_unavailable(ns: str, name: str, trials: int = 3) -> list[dict]:
+    """What Katib writes when no trial reports a metric (the collector was never injected):
+    each trial ends MetricsUnavailable (pkg/controller.v1beta1/trial/trial_controller_util.go),
+    those count as completed trials, so the Experiment reaches maxTrialCount and Succeeds with
+    an empty currentOptimalTrial (pkg/controller.v1beta1/experiment/util/status_util.go)."""
+    created = _cond("Created", "True", "ExperimentCreated", "Experiment is created")
+    running = _cond("Running", "True", "ExperimentRunning", "Experiment is running")
+    return [{}, {"conditions": [created, running], "trials": trials, "trialsRunning": trials},
+            {"conditions": [created, {**running, "status": "False"},
+                            _cond("Succeeded", "True", "ExperimentMaxTrialsReached",
+                                  "Experiment has succeeded because max trial count has reached")],
+             "trials": trials, "trialMetricsUnavailableList": [f"{name}-t{i}" for i in range(trials)],
+             "trialsMetricsUnavailable": trials, "currentOptimalTrial": {"bestTrialName": "", "observation": {}}}]
+
+
+KATIB_COLLECTOR = "metrics-logger-and-collector"  # katib pkg/webhook/v1beta1/pod/inject_webhook.go (mccommon)
+
+
+def katib_trial_pod(ns: str, trial: str, kind: str, primary: str, exit_code: int, output: str,
+                    logs: dict) -> dict:
+    """A finished trial's primary pod as Katib's pod webhook leaves it with the StdOut collector:
+    the primary container's command is wrapped to write into /var/log/katib/metrics.log (its own
+    log is empty), and the injected metrics-logger-and-collector container prints that output."""
+    labels = ({"training.kubeflow.org/job-name": trial, "training.kubeflow.org/replica-type": "master"}
+              if kind == "PyTorchJob" else {"jobset.sigs.k8s.io/jobset-name": trial})
+    name = f"{trial}-master-0" if kind == "PyTorchJob" else f"{trial}-node-0-0-x1"
+    p = pod(ns, name, labels, primary, exit_code=exit_code)
+    p["spec"]["containers"].append({"name": KATIB_COLLECTOR, "image": "katib/file-metrics-collector"})
+    p["status"]["containerStatuses"].append({"name": KATIB_COLLECTOR, "image": "img", "imageID": "", "ready": False,
+                                             "restartCount": 0, "state": {"terminated": {"exitCode": 0,
+                                                                                          "reason": "Completed"}}})
+    logs[(ns, name, primary)] = ""
+    logs[(ns, name, KATIB_COLLECTOR)] = output
+    return p
+
+
+def pytorchjob_after_exit(job: dict, exit_code: int, replica: str = "Master") -> list[dict]:
+    """The PyTorchJob statuses after one replica's pod exits with exit_code (a lost peer: torchrun
+    exits 1; a spot reclaim SIGTERMs it: also 1 through torchrun; SIGKILL: 137): Restarting, then
+    Succeeded after the resumed run, when the Training Operator restarts it
+    (k8s_releases.training_operator_restarts, bounded by backoffLimit); else Failed."""
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    spec = job["spec"]["pytorchReplicaSpecs"][replica]
+    run = pytorchjob_success(ns, name)
+    created, running = run[2]["conditions"]
+    if k8s_releases.training_operator_restarts(spec.get("restartPolicy", "Never"), exit_code) and \
+            job["spec"]["runPolicy"].get("backoffLimit", 0) >= 1:
+        restarting = _cond("Restarting", "True", "PyTorchJobRestarting",
+                           f"job {name} is restarting because 1 {replica} replica(s) failed.")
+        return run[:3] + [{**run[2], "conditions": [created, {**running, "status": "False"}, restarting]},
+                          {**run[2], "conditions": [created, running]}, run[3]]
+    return run[:3] + [{"conditions": [created, {**running, "status": "False"},
+                                      _cond("Failed", "True", "PyTorchJobFailed",
+                                            f"job \"{name}\" is failing because \"{replica}\" replica(s) failed.")],
+                       "replicaStatuses": {replica: {"failed": 1}}, "startTime": T0, "completionTime": T1}]
+
+
 def _isvc_conditions(status: str, reason: str = "", message: str = "") -> list[dict]:
     names = ("IngressReady", "LatestDeploymentReady", "PredictorConfigurationReady", "PredictorReady",
              "PredictorRouteReady", "Ready")
@@ -154,27 +236,42 @@ def _isvc_conditions(status: str, reason: str = "", message: str = "") -> list[d
              "lastTransitionTime": T0} for n in names]
 
 
-def isvc_ready(ns: str, name: str, generation: int) -> dict:
+def _revision(name: str, n: int) -> str:
+    return f"{name}-predictor-{n:05d}"
+
+
+def isvc_ready(ns: str, name: str, generation: int, revision: int | None = None) -> dict:
+    """Ready at a revision; observedGeneration is the Knative Service's generation (KServe copies it)."""
+    revision = revision or generation
     return {"observedGeneration": generation, "conditions": _isvc_conditions("True"),
             "url": f"http://{name}.{ns}.example.com",
             "address": {"url": f"http://{name}.{ns}.svc.cluster.local"},
-            "components": {"predictor": {"latestReadyRevision": f"{name}-predictor-0000{generation}",
+            "components": {"predictor": {"latestReadyRevision": _revision(name, revision),
+                                         "latestCreatedRevision": _revision(name, revision),
                                          "url": f"http://{name}-predictor.{ns}.example.com"}},
             "modelStatus": {"states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
                             "transitionStatus": "UpToDate"},
             "deploymentMode": "Serverless"}
 
 
-def isvc_rollout(ns: str, name: str, generation: int) -> list[dict]:
-    """A new generation: first the controller has not observed it (the old Ready=True, if any,
-    is what a GET shows), then Unknown while the revision starts, then Ready."""
-    old = isvc_ready(ns, name, generation - 1) if generation > 1 else {}
-    pending = {"observedGeneration": generation,
+def isvc_rollout(ns: str, name: str, generation: int, ksvc_generation: int | None = None) -> list[dict]:
+    """A new revision rolls out: first the old status (the old Ready=True, if any), then the new
+    revision is created but not ready (Knative's Configuration, hence Ready, is Unknown while
+    latestCreatedRevision != latestReadyRevision; the old revision keeps serving), then Ready.
+
+    ksvc_generation is the Knative Service's generation, which KServe writes as the ISVC's
+    observedGeneration; it runs ahead of the ISVC's own generation whenever KServe changed the
+    Knative Service without a spec change of ours (e.g. after a KServe upgrade)."""
+    ksvc = ksvc_generation or generation
+    old = isvc_ready(ns, name, ksvc - 1) if ksvc > 1 else {}
+    pending = {"observedGeneration": ksvc,
                "conditions": _isvc_conditions("Unknown", "RevisionMissing",
                                               f"Configuration \"{name}-predictor\" is waiting for a Revision to become ready."),
+               "components": {"predictor": {"latestCreatedRevision": _revision(name, ksvc),
+                                            **({"latestReadyRevision": _revision(name, ksvc - 1)} if ksvc > 1 else {})}},
                "modelStatus": {"states": {"activeModelState": "", "targetModelState": "Pending"},
                                "transitionStatus": "InProgress"}}
-    return [old, old, pending, pending, isvc_ready(ns, name, generation)]
+    return [old, old, pending, pending, isvc_ready(ns, name, ksvc)]
 
 
 def isvc_failed_load(ns: str, name: str, generation: int) -> list[dict]:
@@ -182,9 +279,30 @@ def isvc_failed_load(ns: str, name: str, generation: int) -> list[dict]:
         "observedGeneration": generation,
         "conditions": _isvc_conditions("False", "RevisionFailed",
                                        f"Revision \"{name}-predictor-00001\" failed with message: Container failed with: ..."),
+        "components": {"predictor": {"latestCreatedRevision": _revision(name, generation)}},
         "modelStatus": {"states": {"activeModelState": "", "targetModelState": "FailedToLoad"},
                         "transitionStatus": "BlockedByFailedLoad",
                         "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "model.pt not found in /mnt/models"}}}]
+
+
+def deployment_rollout(ns: str, name: str, generation: int, replicas: int = 1) -> list[dict]:
+    """A Deployment's status while a RawDeployment predictor rolls out (kubectl rollout status
+    reads the same fields: observedGeneration, updatedReplicas, availableReplicas, replicas)."""
+    return [{"observedGeneration": generation - 1, "replicas": replicas, "updatedReplicas": 0,
+             "availableReplicas": replicas},
+            {"observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
+             "availableReplicas": replicas},
+            {"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+             "availableReplicas": replicas, "readyReplicas": replicas,
+             "conditions": [_cond("Available", "True", "MinimumReplicasAvailable"),
+                            _cond("Progressing", "True", "NewReplicaSetAvailable")]}]
+
+
+def isvc_raw_ready(ns: str, name: str, generation: int) -> dict:
+    st = isvc_ready(ns, name, generation)
+    st["deploymentMode"] = "RawDeployment"
+    st["components"]["predictor"] = {"url": f"http://{name}-predictor.{ns}.svc.cluster.local"}
+    return st
 
 
 def pod(ns: str, name: str, labels: dict, container: str, exit_code: int | None = None,
@@ -207,7 +325,18 @@ def pod(ns: str, name: str, labels: dict, container: str, exit_code: int | None 
 # ---------------------------------------------------------------- the server
 
 class K8sDouble:
-    def __init__(self):
+    def __init__(self, release: str | None = None, namespaces: dict[str, dict[str, str]] | None = None):
+        """release: a Kubeflow release profile ("1.10.2", "1.11.0"; see the module doc), or None
+        for a permissive server (every kind installed, the newest schemas, no admission rules).
+        namespaces: name -> labels of the namespaces that exist (``profile_namespace`` gives a
+        Kubeflow profile's labels)."""
+        self.release = k8s_releases.release_profile(release) if release else None
+        self.namespaces: dict[str, dict[str, str]] = dict(namespaces or {})
+        # What SelfSubjectAccessReview allows: the Role bincounter's manifests bind.
+        self.rbac_rules: list[dict] = copy.deepcopy(o.ROLE_RULES)
+        # plural -> fn(double, obj) run on a new object; may return the status sequence to replay.
+        self.on_create: dict[str, object] = {}
+        self.routes: list[tuple[str, str, object]] = []
         self.objects: dict[tuple[str, str, str], dict] = {}   # (plural, ns, name) -> object
         self.scripts: dict[tuple[str, str, int], list[dict]] = {}  # (plural, name, generation) -> statuses
         self.steps: dict[tuple[str, str, str], itertools.count] = {}
@@ -248,6 +377,14 @@ class K8sDouble:
         cfg = k8s.Configuration(host=self.url)
         cfg.retries = 0
         return k8s.ApiClient(cfg)
+
+    def add_route(self, method: str, path_prefix: str, fn):
+        """Serve more REST paths: fn(double, method, parts, query, body) -> (code, body, content type)."""
+        self.routes.append((method, path_prefix.rstrip("/"), fn))
+
+    def profile_namespace(self, name: str) -> None:
+        """A Kubeflow profile namespace: the labels the release's profile controller sets."""
+        self.namespaces[name] = dict(self.release.profile_labels if self.release else {})
 
     def script(self, plural: str, name: str, statuses: list[dict], generation: int = 1):
         self.scripts[(plural, name, generation)] = statuses
@@ -317,7 +454,131 @@ class K8sDouble:
         return all(labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",")))
 
     def handle(self, method, parts, query, body):
+        path = "/" + "/".join(parts)
+        for m, prefix, fn in self.routes:
+            if m == method and (path == prefix or path.startswith(prefix + "/")):
+                return fn(self, method, parts, query, body)
+        if self.release:
+            answer = self._release_handle(method, parts, query, body)
+            if answer:
+                return answer
+        return self._handle(method, parts, query, body)
+
+    # -- release profile behaviours
+    def _forbidden(self, verb: str, group: str, plural: str, ns: str):
+        # As the API server words an RBAC denial for a profile's default-editor.
+        return 403, self._status(403, "Forbidden", f'{plural}.{group} is forbidden: User "system:serviceaccount:{ns}:'
+                                 f'default-editor" cannot {verb} resource "{plural}" in API group "{group}" '
+                                 f'in the namespace "{ns}"'), "application/json"
+
+    def _release_handle(self, method, parts, query, body):
+        json_t, rel = "application/json", self.release
+        resources = rel.resources()
+        if parts == ["apis"] and method == "GET":
+            groups: dict[str, list[str]] = {}
+            for g, v in resources:
+                groups.setdefault(g, []).append(v)
+            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+                 "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}} for g, vs in groups.items()]}, json_t
+        if len(parts) == 3 and parts[0] == "apis" and method == "GET":
+            listed = resources.get((parts[1], parts[2]))
+            if listed is None:
+                return 404, self._status(404, "NotFound", "the server could not find the requested resource"), json_t
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{parts[1]}/{parts[2]}",
+                         "resources": [{"name": p, "singularName": "", "namespaced": True, "kind": k,
+                                        "verbs": ["create", "delete", "get", "list", "update"]} for p, k in listed]}, json_t
+        if parts[:3] == ["openapi", "v3", "apis"] and len(parts) == 5 and method == "GET":
+            return self._openapi(parts[3], parts[4])
+        if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
+            attrs = body["spec"]["resourceAttributes"]
+            allowed = rel.installed(attrs.get("group", ""), attrs["resource"]) and self._granted(attrs)
+            return 201, {**body, "status": {"allowed": allowed}}, json_t
+        if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
+            group, plural, ns = parts[1], parts[5], parts[4]
+            if not rel.installed(group, plural):
+                verb = {"GET": "list" if len(parts) == 6 else "get", "POST": "create", "PUT": "update",
+                        "DELETE": "delete"}[method]
+                return self._forbidden(verb, group, plural, ns)
+            if method in ("POST", "PUT"):
+                rejected = self._admission(plural, ns, body)
+                if rejected:
+                    self.rejected.append([rejected[1]])
+                    return rejected[0], self._status(rejected[0], "BadRequest" if rejected[0] == 400 else "Invalid",
+                                                     rejected[1]), json_t
+        return None
+
+    def _granted(self, attrs: dict) -> bool:
+        resource = attrs["resource"] + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+        for rule in self.rbac_rules:
+            if attrs.get("group", "") in rule["apiGroups"] and resource in rule["resources"] \
+                    and attrs["verb"] in rule["verbs"] \
+                    and (not rule.get("resourceNames") or attrs.get("name") in rule["resourceNames"]):
+                return True
+        return False
+
+    def _openapi(self, group: str, version: str):
+        """The OpenAPI v3 document the API server publishes for a CRD group (readable by every
+        authenticated user through the system:discovery role); only TrainJob's schema is served."""
         json_t = "application/json"
+        if (group, version) != ("trainer.kubeflow.org", "v1alpha1") or "TrainJob" not in self.release.kinds:
+            return 404, self._status(404, "NotFound", "the server could not find the requested resource"), json_t
+        spec = {f: {"type": "object"} for f in self.release.trainjob_spec_fields}
+        return 200, {"openapi": "3.0.0", "components": {"schemas": {"trainer.kubeflow.org.v1alpha1.TrainJob": {
+            "type": "object", "x-kubernetes-group-version-kind": [
+                {"group": group, "kind": "TrainJob", "version": version}],
+            "properties": {"spec": {"type": "object", "properties": spec}}}}}}, json_t
+
+    def _admission(self, plural: str, ns: str, obj: dict) -> tuple[int, str] | None:
+        """What the release's API server and webhooks refuse at create: (code, message) or None."""
+        problems = k8s_schemas.errors(obj, self.release.name)
+        if problems:
+            return 422, "; ".join(problems)
+        if plural == "inferenceservices":
+            mode = (obj["metadata"].get("annotations") or {}).get("serving.kserve.io/deploymentMode",
+                                                                   self.release.kserve_default_mode)
+            if mode == "Serverless":
+                # KServe copies the predictor's PodSpec into a Knative Service, whose webhook masks it.
+                # (On a real cluster the ISVC is accepted and never gets Ready; the double refuses
+                # it at once, so a test sees the webhook's message.)
+                bad = k8s_releases.knative_rejections(obj["spec"]["predictor"], self.release.knative_features)
+                if bad:
+                    return 400, ('admission webhook "validation.webhook.serving.knative.dev" denied the request: '
+                                 f"validation failed: must not set the field(s): {', '.join(bad)}")
+        if plural == "experiments":
+            trial = obj["spec"]["trialTemplate"]["trialSpec"]
+            group, _, version = trial["apiVersion"].rpartition("/")
+            gvk = f"{trial['kind']}.{version}.{group}"
+            if gvk not in self.release.katib_trial_resources:
+                return 400, ('admission webhook "validator.experiment.katib.kubeflow.org" denied the request: '
+                             f"{gvk} is not in katib-config trialResources {list(self.release.katib_trial_resources)}")
+        return None
+
+    def _katib_without_collector(self, ns: str, name: str, obj: dict) -> None:
+        """Katib's pod webhook skips namespaces without the injection label: no metrics ever."""
+        key, value = self.release.injection_label
+        if self.namespaces.get(ns, {}).get(key) == value:
+            return
+        n = obj["spec"].get("maxTrialCount", 3)
+        self.script("experiments", name, experiment_metrics_unavailable(ns, name, n))
+        for i in range(n):
+            t = trial(ns, name, f"{name}-t{i}", "MetricsUnavailable", {}, "unavailable")
+            t["status"]["observation"] = {}
+            self.put_object(t, "trials")
+
+    def _handle(self, method, parts, query, body):
+        json_t = "application/json"
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 4 and method == "GET":
+            if parts[3] not in self.namespaces:
+                return 404, self._status(404, "NotFound", f'namespaces "{parts[3]}" not found'), json_t
+            return 200, {"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": parts[3], "labels": self.namespaces[parts[3]]}}, json_t
+        if parts[:2] == ["api", "v1"] and len(parts) == 6 and parts[4] in ("secrets", "serviceaccounts", "configmaps") \
+                and method == "GET":
+            obj = self.objects.get((parts[4], parts[3], parts[5]))
+            if obj is None:
+                return 404, self._status(404, "NotFound", f'{parts[4]} "{parts[5]}" not found'), json_t
+            return 200, obj, json_t
         if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[4] == "pods":
             ns = parts[3]
             if len(parts) == 5 and method == "GET":
@@ -343,12 +604,18 @@ class K8sDouble:
                 name = body.get("metadata", {}).get("name")
                 if (plural, ns, name) in self.objects:
                     return 409, self._status(409, "AlreadyExists", f"{plural} \"{name}\" already exists"), json_t
-                problems = k8s_schemas.errors(body)
+                problems = [] if self.release else k8s_schemas.errors(body)  # a release validated at admission
                 if problems:
                     self.rejected.append(problems)
                     return 422, self._status(422, "Invalid", "; ".join(problems)), json_t
                 self.put_object(body, plural)
                 self.steps[(plural, ns, name)] = itertools.count()
+                if self.release and plural == "experiments":
+                    self._katib_without_collector(ns, name, body)
+                hook = self.on_create.get(plural)
+                statuses = hook(self, self.objects[(plural, ns, name)]) if hook else None
+                if statuses:
+                    self.script(plural, name, statuses)
                 return 201, self.objects[(plural, ns, name)], json_t
             obj = self.objects.get(key)
             if obj is None:
@@ -362,7 +629,7 @@ class K8sDouble:
             if method == "PUT":
                 if body["metadata"].get("resourceVersion") != obj["metadata"]["resourceVersion"]:
                     return 409, self._status(409, "Conflict", "the object has been modified"), json_t
-                problems = k8s_schemas.errors(body)
+                problems = [] if self.release else k8s_schemas.errors(body)  # a release validated at admission
                 if problems:
                     self.rejected.append(problems)
                     return 422, self._status(422, "Invalid", "; ".join(problems)), json_t
@@ -377,13 +644,15 @@ class K8sDouble:
         return 404, self._status(404, "NotFound", f"the test double does not implement {method} /{'/'.join(parts)}"), json_t
 
 
-def serve_engine(tmp_path, monkeypatch, namespace: str):
+def serve_engine(tmp_path, monkeypatch, namespace: str, release: str | None = None):
     """Start a double and point the Kubernetes engine at it through a kubeconfig, as
     ``bincounter k8s`` and a pipeline step outside the cluster would find it; fast polling.
     A generator for a pytest fixture: ``yield from kd.serve_engine(tmp_path, monkeypatch, NS)``."""
     from bincounter.engines import kubernetes as engine
 
-    d = K8sDouble().start()
+    d = K8sDouble(release)
+    d.profile_namespace(namespace)
+    d.start()
     monkeypatch.setenv("KUBECONFIG", d.write_kubeconfig(tmp_path / "kubeconfig", namespace))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(engine, "POLL_S", {"train": 0.01, "tune": 0.01, "deploy": 0.01})

@@ -11,6 +11,10 @@
   core schemas; the trial template (``trialSpec``) is validated as a PyTorchJob.
 - Core kinds (Namespace, ServiceAccount, Role, RoleBinding, Secret, Pod): the strict
   Kubernetes JSON schemas shipped by the ``kubernetes-validate`` package (PyPI).
+- Per Kubeflow release (``errors(obj, release="1.10.2")``): the CRDs that release
+  installs, copied from kubeflow/manifests at its tag into tests/schemas/releases/
+  (provenance in tests/schemas/releases/SOURCES.json, refreshed by refresh.py there).
+  A kind the release does not ship is an error.
 - Istio AuthorizationPolicy: a HAND-WRITTEN minimal schema of the documented API
   (no Istio CRD is vendored); see tests/schemas/istio/.
 
@@ -50,6 +54,29 @@ CORE = {
     ("rbac.authorization.k8s.io/v1", "Role"): "role-rbac-v1.json",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebinding-rbac-v1.json",
 }
+RELEASES = ("1.10.2", "1.11.0")
+# kind -> file name in tests/schemas/releases/<release>/ (SOURCES.json says where each file lives).
+RELEASE_CRDS = {
+    ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "kserve-inferenceservices-crd.yaml",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _release_sources() -> dict[tuple[str, str], pathlib.Path]:
+    """(release, file name) -> the copied file (a file both releases ship is stored once)."""
+    entries = json.loads((SCHEMAS / "releases" / "SOURCES.json").read_text())
+    return {(e["release"], e["file"].split("/", 1)[1]): SCHEMAS / "releases" / e["file"] for e in entries}
+
+
+def release_file(release: str, name: str) -> pathlib.Path | None:
+    """A file as the Kubeflow release ships it, or None when the release has no such file."""
+    if release not in RELEASES:
+        raise KeyError(f"Unknown release {release!r}; known: {', '.join(RELEASES)}")
+    return _release_sources().get((release, name))
+
+
 # Katib swagger refs that are Kubernetes core types.
 _KATIB_CORE = {
     "v1.Container": "io.k8s.api.core.v1.Container",
@@ -81,8 +108,14 @@ def _registry() -> Registry:
 
 
 @functools.lru_cache(maxsize=None)
-def crd_schema(api_version: str, kind: str) -> dict:
-    crd = yaml.load((SCHEMAS / CRDS[(api_version, kind)]).read_text(), Loader=yaml.CSafeLoader)
+def crd_schema(api_version: str, kind: str, release: str | None = None) -> dict:
+    if release is None:
+        path = SCHEMAS / CRDS[(api_version, kind)]
+    else:
+        path = release_file(release, RELEASE_CRDS[(api_version, kind)])
+        if path is None:
+            raise NotInstalled(f"{kind} ({api_version}) is not part of Kubeflow {release}")
+    crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
     version = api_version.split("/")[1]
     (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     schema = strict(v["schema"]["openAPIV3Schema"])
@@ -130,8 +163,14 @@ def istio_schema() -> dict:
     return schema
 
 
-def _schema_for(obj: dict) -> dict:
+class NotInstalled(KeyError):
+    """The release installs no CRD for this kind."""
+
+
+def _schema_for(obj: dict, release: str | None = None) -> dict:
     key = (obj.get("apiVersion"), obj.get("kind"))
+    if release is not None and key in RELEASE_CRDS:
+        return crd_schema(*key, release)
     if key in CRDS:
         return crd_schema(*key)
     if key in CORE:
@@ -144,29 +183,33 @@ def _schema_for(obj: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _validator(schema_id: int, api_version: str, kind: str):
-    schema = _schema_for({"apiVersion": api_version, "kind": kind})
+def _validator(release: str | None, api_version: str, kind: str):
+    schema = _schema_for({"apiVersion": api_version, "kind": kind}, release)
     return jsonschema.Draft202012Validator(schema, registry=_registry())
 
 
-def errors(obj: dict) -> list[str]:
-    """Every schema violation of obj as 'kind/name: path: message' (empty when valid)."""
+def errors(obj: dict, release: str | None = None) -> list[str]:
+    """Every schema violation of obj as 'kind/name: path: message' (empty when valid); with
+    release, against the CRDs that Kubeflow release installs (its kinds only)."""
     if not isinstance(obj, dict):
         return [f"not an object: {obj!r:.80}"]
-    validator = _validator(0, obj.get("apiVersion"), obj.get("kind"))
     name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name', '?')}"
+    try:
+        validator = _validator(release, obj.get("apiVersion"), obj.get("kind"))
+    except NotInstalled as e:
+        return [f"{name}: {e.args[0]}"]
     found = [f"{name}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
              for e in validator.iter_errors(obj)]
     if obj.get("kind") == "Experiment" and not found:
         trial = obj["spec"].get("trialTemplate", {}).get("trialSpec")
         if trial is not None:
             trial = {"metadata": {"name": "trial"}, **trial}
-            found += [f"{name}: spec.trialTemplate.trialSpec: {e}" for e in errors(trial)]
+            found += [f"{name}: spec.trialTemplate.trialSpec: {e}" for e in errors(trial, release)]
     return found
 
 
-def validate(obj: dict) -> None:
-    problems = errors(obj)
+def validate(obj: dict, release: str | None = None) -> None:
+    problems = errors(obj, release)
     if problems:
         raise AssertionError("schema validation failed:\n  " + "\n  ".join(problems[:20]))
 
