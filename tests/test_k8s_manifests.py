@@ -17,7 +17,7 @@ from bincounter.k8s import manifests, objects as o
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZATIONS = ["base", "trainer-v2", "overlays/cpu-smoke", "overlays/gpu", "overlays/kubeflow"]
+KUSTOMIZATIONS = ["base", "trainer-v2", "overlays/cpu-smoke", "overlays/gpu", "overlays/kubeflow", "audit"]
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 
 

@@ -3,7 +3,7 @@
     python -m bincounter.k8s.manifests --write manifests   # regenerate
     python -m bincounter.k8s.manifests --check manifests   # exit 1 if the files drifted
 
-``manifests/base`` (and ``manifests/trainer-v2``) are OUTPUT of this module; edit
+``manifests/base`` (and ``manifests/trainer-v2``, ``manifests/audit``) are OUTPUT of this module; edit
 ``bincounter/k8s/objects.py`` or the parameters below, never the YAML. The
 overlays (cpu-smoke, gpu, kubeflow) are hand-written kustomize patches on top.
 """
@@ -69,6 +69,17 @@ def trainer_v2_files() -> dict[str, list[dict]]:
                                          nproc_per_node=1, resources=GPU_NODE)]}
 
 
+AUDIT_SOURCE = "s3://aft-vbi-pds"  # the whole public ABID bucket
+AUDIT_URI = f"{BUCKET}/audit/abid"
+AUDIT_PARTS = 16
+
+
+def audit_files() -> dict[str, list[dict]]:
+    ns = o.DEFAULT_NAMESPACE
+    return {"audit-job.yaml": [o.audit_job("bincounter-audit", ns, model_uri=MODEL_URI, source=AUDIT_SOURCE,
+                                           output_uri=AUDIT_URI, parts=AUDIT_PARTS, image=_image("trainer"))]}
+
+
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data):  # plain YAML for people: never &id001 anchors
         return True
@@ -97,6 +108,12 @@ def render() -> dict[str, str]:
         out[f"trainer-v2/{name}"] = _dump(objs)
     out["trainer-v2/kustomization.yaml"] = _kustomization(
         list(v2), "# The same training as a TrainJob, for Kubeflow Trainer v2 clusters (apply after base's common objects).\n")
+    audit = audit_files()
+    for name, objs in audit.items():
+        out[f"audit/{name}"] = _dump(objs)
+    out["audit/kustomization.yaml"] = _kustomization(
+        list(audit), "# The bucket-scale audit as an Indexed Job (apply after base's common objects; merge with\n"
+                     "# `bincounter audit --merge-only`, see docs/audit.md).\n")
     return out
 
 
