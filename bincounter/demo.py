@@ -194,7 +194,9 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         print(f"[demo] {cfg['images']} synthetic bins in s3://{SOURCE_BUCKET} at {s3_url} ({synth_seconds:.1f} s)",
               flush=True)
 
-        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg))
+        # audit_test: the run ends with an audit of its test split, with injected discrepancies.
+        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg),
+                                                       audit_test=True)
         split_uri = outputs["split"]["artifacts"]["shards"]["artifacts"][0]["metadata"]["uri"]
         split_table = split_summary_text(read_manifest(split_uri))
         deployed = outputs["deploy"]["parameterValues"]
@@ -221,6 +223,8 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "predictions": [{"id": p.image, "count": p.count, "confidence": round(p.confidence, 3), "true_count": c}
                         for p, c in zip(predictions, truth)],
         "report": str(report), "run_dir": str(run_dir), "summary": str(output / "summary.json"),
+        "audit": dict(outputs["audit-test-split"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]),
+        "audit_report": outputs["audit-test-split"]["artifacts"]["report"]["artifacts"][0]["uri"],
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -244,6 +248,11 @@ def print_summary(summary: dict[str, Any], cfg: dict[str, Any]) -> None:
     print(f"\nServed at {summary['endpoint']} (stopped now). Predictions:")
     for p in summary["predictions"]:
         print(f"  bin {p['id']}: counted {p['count']} (confidence {p['confidence']:.2f}), true {p['true_count']}")
+    a = summary["audit"]
+    print(f"\nAudit of the test split with injected discrepancies: {a['flagged']:.0f} of {a['bins']:.0f} bins flagged "
+          f"(p_expected < {a['threshold']:.2g}); precision={a.get('precision', 0):.3f} "
+          f"recall={a.get('recall', 0):.3f} f1={a.get('f1', 0):.3f} auroc={a.get('auroc', 0):.3f}")
+    print(f"Audit report: {summary['audit_report']}")
     print(f"\nRun report: {summary['report']}")
     print(f"Every task's outputs: {summary['run_dir']}; this summary: {summary['summary']}")
 

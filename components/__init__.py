@@ -7,6 +7,7 @@ its typed inputs, calls one library function or engine, and publishes typed
 outputs. ``docs/pipeline.md`` explains the data flow between them.
 """
 
+from components.audit import audit, audit_test_split
 from components.cleanup import cleanup
 from components.deploy import deploy
 from components.download import download
@@ -15,4 +16,4 @@ from components.split import split
 from components.train import train
 from components.tune import tune
 
-__all__ = ["cleanup", "deploy", "download", "evaluate", "split", "train", "tune"]
+__all__ = ["audit", "audit_test_split", "cleanup", "deploy", "download", "evaluate", "split", "train", "tune"]
