@@ -60,12 +60,15 @@ def bincounter_pipeline(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
-    short_side: int = 320,
+    short_side: int = 512,
     shard_size: int = 1000,
+    train_ids: str = "",
+    val_ids: str = "",
+    k_or_more: bool = True,
     arch: str = "resnet50",
     pretrained: str = "imagenet",
-    input_size: int = 224,
-    epochs: int = 20,
+    input_size: int = 384,
+    epochs: int = 30,
     extra_train_args: list = [],
     workers: int = 2,
     gpus_per_worker: int = 1,
@@ -95,7 +98,7 @@ def bincounter_pipeline(
     with dsl.ExitHandler(cleanup_task, name="run-and-clean-up-on-failure"):
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
-            file_list=file_list, max_count=max_count, limit=limit, workers=download_workers,
+            file_list=file_list, max_count=max_count, k_or_more=k_or_more, limit=limit, workers=download_workers,
             s3_endpoint_url=s3_endpoint_url), **on_cluster)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
@@ -104,7 +107,7 @@ def bincounter_pipeline(
         split_task = _on_cluster(split(
             raw=download_task.outputs["raw"], work_uri=work_uri, run_id=run_id, val=val_fraction,
             test=test_fraction, seed=split_seed, short_side=short_side, shard_size=shard_size,
-            s3_endpoint_url=s3_endpoint_url),
+            train_ids=train_ids, val_ids=val_ids, s3_endpoint_url=s3_endpoint_url),
             **on_cluster)
         split_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2)
         split_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")
@@ -112,7 +115,8 @@ def bincounter_pipeline(
         tune_task = _on_cluster(tune(
             shards=split_task.outputs["shards"], engine=engine, work_uri=work_uri, run_id=run_id,
             trials=tune_trials, parallelism=tune_parallelism, max_failed_trials=tune_max_failed_trials,
-            epochs=tune_epochs, arch=arch, max_count=max_count, input_size=input_size, pretrained=pretrained,
+            epochs=tune_epochs, arch=arch, max_count=max_count, k_or_more=k_or_more, input_size=input_size,
+            pretrained=pretrained,
             extra_train_args=extra_train_args, gpus_per_trial=tune_gpus_per_trial, namespace=namespace,
             image_tag=image_tag, spot=spot, deadline_minutes=tune_deadline_minutes,
             s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret), **on_cluster)
@@ -120,7 +124,7 @@ def bincounter_pipeline(
         train_task = _on_cluster(train(
             shards=split_task.outputs["shards"], best_params=tune_task.outputs["best_params"], engine=engine,
             work_uri=work_uri, run_id=run_id, epochs=epochs, arch=arch, max_count=max_count,
-            input_size=input_size, pretrained=pretrained, extra_train_args=extra_train_args, workers=workers,
+            k_or_more=k_or_more, input_size=input_size, pretrained=pretrained, extra_train_args=extra_train_args, workers=workers,
             gpus_per_worker=gpus_per_worker, use_trainjob=use_trainjob, namespace=namespace,
             image_tag=image_tag, spot=spot, deadline_minutes=train_deadline_minutes,
             s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret), **on_cluster)

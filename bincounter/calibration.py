@@ -146,16 +146,9 @@ def plot_reliability(before: list[dict], after: list[dict] | None = None, title:
     return buf.getvalue()
 
 
-def calibrate_model(model, loader, device, split: str = "val") -> dict | None:
-    """Collect the validation logits of every rank and fit the temperature on all of them.
-
-    Every rank must call it (it gathers); the result is the same on every rank. Returns
-    ``None`` when the split has no sample.
-    """
+def collect_logits(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and labels of every batch of ``loader`` (a few floats per sample)."""
     import torch
-    import torch.distributed as dist
-
-    from bincounter import distributed as dist_utils
 
     model.eval()
     logits, labels = [], []
@@ -166,28 +159,34 @@ def calibrate_model(model, loader, device, split: str = "val") -> dict | None:
                 images = images.contiguous(memory_format=torch.channels_last)
             logits.append(model(images).float().cpu())
             labels.append(targets)
-    local = (torch.cat(logits).numpy() if logits else np.zeros((0, 0)), torch.cat(labels).numpy() if labels else
-             np.zeros(0, dtype=np.int64))
-    parts = [local]
-    if dist_utils.is_dist_avail_and_initialized():
-        parts = [None] * dist_utils.get_world_size()
-        dist.all_gather_object(parts, local)
-    parts = [p for p in parts if len(p[1])]
-    if not parts:
-        return None
-    return calibrate(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), split)
+    if not logits:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def fit_into(config, model, loader, device, split: str = "val") -> dict | None:
-    """``calibrate_model``, then store ``temperature`` and ``calibration`` in the model's ``ModelConfig``."""
+def fit_on_split(config, model, data: str, split: str, device, batch_size: int = 64, workers: int = 2) -> dict | None:
+    """Fit the temperature of ``model`` on a whole split of a split folder (one process: training calls it
+    on rank 0 with the shipped weights) and store ``temperature`` and ``calibration`` in its ``ModelConfig``.
+
+    Returns the calibration record, or ``None`` when the split has no sample the model can take.
+    """
     import logging
 
-    result = calibrate_model(model, loader, device, split)
-    if result is not None:
-        config.temperature, config.calibration = result["temperature"], result
-        logging.getLogger("bincounter.train").info(
-            "calibration on %s: temperature=%.4f ece %.4f -> %.4f", split, result["temperature"],
-            result["ece_before"], result["ece_after"])
+    from bincounter import presets
+    from bincounter.data import shards
+    from bincounter.data.loader import ShardDataset, make_loader
+
+    dataset = ShardDataset(shards.shard_uris(data, split),
+                           presets.eval_transform(config.input_size, config.resize_size, config.mean, config.std),
+                           config.max_count, config.k_or_more)
+    logits, labels = collect_logits(model, make_loader(dataset, batch_size, workers, device), device)
+    if not len(labels):
+        return None
+    result = calibrate(logits, labels, split)
+    config.temperature, config.calibration = result["temperature"], result
+    logging.getLogger("bincounter.train").info(
+        "calibration on %s (%d samples): temperature=%.4f ece %.4f -> %.4f", split, result["samples"],
+        result["temperature"], result["ece_before"], result["ece_after"])
     return result
 
 

@@ -38,10 +38,10 @@ DEMO_DEFAULTS: dict[str, tuple[Any, str]] = {
     "images": (600, "synthetic bins to generate"),
     "max_count": (4, "K: bins hold 0..K items; classes are counts 0..K"),
     "seed": (0, "seed of the synthetic data and the split"),
-    "short_side": (72, "split: resize images so the short side is this many px (production: 320)"),
+    "short_side": (72, "split: resize images so the short side is this many px (production: 512)"),
     "arch": ("resnet18", "network (production: resnet50)"),
-    "input_size": (64, "model input in px (production: 224; 64 is the trainer's minimum)"),
-    "epochs": (8, "training epochs (production: 20)"),
+    "input_size": (64, "model input in px (production: 384; 64 is the trainer's minimum)"),
+    "epochs": (8, "training epochs (production: 30)"),
     "processes": (2, "training processes under torchrun (the cluster's workers x GPUs)"),
     "tune_trials": (2, "optuna trials (production: 12 Katib trials)"),
     "tune_epochs": (1, "epochs per trial (production: 3)"),
@@ -166,8 +166,9 @@ def demo_params(s3_url: str, cfg: dict[str, Any]) -> dict[str, Any]:
         download_workers=8, max_count=cfg["max_count"], split_seed=cfg["seed"], short_side=cfg["short_side"],
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
         # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
-        # Half an epoch of warmup, so that one-epoch tuning trials are valid (warmup < epochs).
-        extra_train_args=["--workers", "0", "--warmup-epochs", "0.5"],
+        # Half an epoch of warmup: one-epoch tuning trials warm up for half of it.
+        # A higher lr than the recipe's (tiny network from scratch, global batch 64).
+        extra_train_args=["--workers", "0", "--warmup-epochs", "0.5", "--lr", "2e-3"],
         workers=cfg["processes"], gpus_per_worker=0, tune_trials=cfg["tune_trials"], tune_parallelism=1,
         tune_max_failed_trials=1, tune_epochs=cfg["tune_epochs"], tune_gpus_per_trial=0,
         deploy_model=True, smoke_images=2, spot=False,

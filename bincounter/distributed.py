@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -226,7 +227,23 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def partition(n_shards: int, rank: int, world_size: int, worker: int, num_workers: int):
+def balance(sizes: Sequence[int], parts: int) -> list[list[int]]:
+    """Split items (shards) into ``parts`` lists of indices with sample totals as even as possible.
+
+    Greedy longest-first (LPT): largest item first, each to the part with the fewest samples
+    so far (ties: the lower part). Deterministic, so every rank computes the same assignment;
+    items of equal size keep their given order (the epoch's shuffled shard order).
+    """
+    loads, out = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        p = min(range(parts), key=lambda p: (loads[p], p))
+        out[p].append(i)
+        loads[p] += sizes[i]
+    return [sorted(o) for o in out]
+
+
+def partition(n_shards: int, rank: int, world_size: int, worker: int, num_workers: int,
+              sizes: Sequence[int] | None = None):
     """Which shards, and which samples inside them, one DataLoader worker of one rank reads.
 
     Returns ``(shard_indices, rank_stride, worker_stride, worker_offset)``:
@@ -235,18 +252,44 @@ def partition(n_shards: int, rank: int, world_size: int, worker: int, num_worker
       (``rank_stride == 1``); otherwise every rank reads every shard and keeps
       sample ``j`` of shard ``s`` when ``(s + j) % world_size == rank``, so no
       rank is left without data and no sample is read twice;
+    - with ``sizes`` (samples per shard, from the split manifest) shards go to ranks and
+      workers by ``balance``, so ranks get nearly equal sample counts; without them, round robin;
     - inside a rank, workers split that rank's shards the same way, or, with
       fewer shards than workers, each keeps every ``num_workers``-th sample of
       the rank's stream (``worker_stride``, ``worker_offset``).
 
     Every sample goes to exactly one (rank, worker). Ranks may still get
-    different sample counts; the training loop copes with that (``train.train_one_epoch``).
+    different sample counts (a few large shards cannot always be split evenly); the
+    training loop copes with that (``train.train_one_epoch``).
     """
     shards = list(range(n_shards))
     if n_shards >= world_size:
-        shards, rank_stride = shards[rank::world_size], 1
+        shards = balance(sizes, world_size)[rank] if sizes is not None else shards[rank::world_size]
+        rank_stride = 1
     else:
         rank_stride = world_size
     if len(shards) >= num_workers:
+        if sizes is not None and rank_stride == 1:
+            return [shards[i] for i in balance([sizes[s] for s in shards], num_workers)[worker]], 1, 1, 0
         return shards[worker::num_workers], rank_stride, 1, 0
     return shards, rank_stride, num_workers, worker
+
+
+def batches_per_rank(sizes: Sequence[int], world_size: int, num_workers: int, batch_size: int) -> list[int]:
+    """How many batches each rank's DataLoader yields in an epoch, from samples per shard.
+
+    Each DataLoader worker batches its own stream, so a rank yields the sum over its
+    workers of ceil(worker samples / batch). The training loop runs as many steps as
+    the longest rank (``max`` of this).
+    """
+    num_workers = max(1, num_workers)
+    out = []
+    for rank in range(world_size):
+        n = 0
+        for worker in range(num_workers):
+            picked, rank_stride, worker_stride, worker_offset = partition(
+                len(sizes), rank, world_size, worker, num_workers, sizes)
+            samples = sum(sizes[s] for s in picked) / rank_stride / worker_stride  # strided: about even
+            n += math.ceil(samples / batch_size)
+        out.append(n)
+    return out

@@ -2,7 +2,9 @@
 
 The metric functions are pure (labels in, numbers out) so they can be checked
 against values worked out by hand; ``evaluate`` runs a model over shards and
-calls them. Counts are class indices: with ``--k-or-more`` the last class means
+calls them, for each decoding of the probabilities (``model.decode``: argmax,
+median, expected count) side by side; the top-level metrics are those of the
+decoding recorded in the model's config.json. Counts are class indices: with ``--k-or-more`` the last class means
 "K or more" and counts as K in RMSE/MAE.
 
 Example::
@@ -128,11 +130,13 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     net, cfg = model_lib.load_model_dir(model_dir, device=dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    # The whole bin at the model's input size, as training validated and serving reads it.
     dataset = ShardDataset(shards.shard_uris(data, split),
                            presets.eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std),
                            max_count=cfg.max_count, k_or_more=cfg.k_or_more)
     loader = make_loader(dataset, batch_size, workers, dev)
-    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
+    k = cfg.num_classes
+    cms = {m: torch.zeros(k, k, dtype=torch.int64) for m in model_lib.DECODINGS}
     all_logits, all_targets = [], []  # for the calibration error (a few floats per sample)
     with torch.inference_mode():
         for images, targets in loader:
@@ -140,21 +144,36 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
             if dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = net(images).float().cpu()
-            preds = logits.argmax(dim=1)
-            cm += torch.bincount(targets * cfg.num_classes + preds, minlength=cfg.num_classes ** 2).view_as(cm)
+            probs = calibration.probabilities(logits, cfg.temperature)  # as serving and the audit see them
+            for method, cm in cms.items():
+                cm += torch.bincount(targets * k + model_lib.decode(probs, method), minlength=k * k).view_as(cm)
             all_logits.append(logits)
             all_targets.append(targets)
-    metrics = metrics_from_confusion(cm.numpy(), cfg.class_names)
-    metrics.update(split=split, model=str(model_dir), data=str(data))
+    # Top level: the decoding the model ships with (config.json); all three side by side under "decodings".
+    metrics = metrics_from_confusion(cms[cfg.decoding].numpy(), cfg.class_names)
+    metrics["decodings"] = {m: {key: v for key, v in metrics_from_confusion(cm.numpy(), cfg.class_names).items()
+                                if key in ("accuracy", "rmse", "mae", "within1", "macro_f1")}
+                            for m, cm in cms.items()}
+    metrics.update(split=split, model=str(model_dir), data=str(data), decoding=cfg.decoding)
     metrics.update(calibration.evaluation_figures(torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy(),
                                                   cfg.temperature))
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
-                            plot_confusion(cm.numpy(), cfg.class_names, f"{split}: accuracy {metrics['accuracy']:.3f}"))
+                            plot_confusion(cms[cfg.decoding].numpy(), cfg.class_names,
+                                           f"{split} ({cfg.decoding}): accuracy {metrics['accuracy']:.3f}"))
         storage.write_bytes(storage.join(output, RELIABILITY_PNG), calibration.plot_reliability(
             metrics["reliability_uncalibrated"], metrics["reliability"], f"{split}: reliability"))
     return metrics
+
+
+def decodings_table(metrics: dict) -> str:
+    """The decodings side by side, as a Markdown table (the shipped one marked)."""
+    rows = ["| decoding | accuracy | rmse | mae | within1 |", "|---|---|---|---|---|"]
+    for method, m in metrics["decodings"].items():
+        mark = " (shipped)" if method == metrics.get("decoding") else ""
+        rows.append(f"| {method}{mark} | {m['accuracy']:.4f} | {m['rmse']:.4f} | {m['mae']:.4f} | {m['within1']:.4f} |")
+    return "\n".join(rows)
 
 
 def summary_line(metrics: dict, prefix: str = "test") -> str:
@@ -181,6 +200,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.data, split=args.split, output=args.output or None,
                        batch_size=args.batch_size, workers=args.workers, device=args.device)
     print(summary_line(metrics, prefix=args.split), flush=True)
+    print(decodings_table(metrics), flush=True)
     return 0
 
 

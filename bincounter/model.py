@@ -24,7 +24,9 @@ from torch import nn
 
 from bincounter import storage
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_v2_s")
+# How class probabilities become one count (``decode``); training picks one on validation.
+DECODINGS = ("argmax", "median", "expected")
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +45,10 @@ class ModelConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     dropout: float = 0.0
+    # The decoding chosen on validation (``decode``); "argmax" for folders written before it existed.
+    decoding: str = "argmax"
+    # Which weights model.pt holds: {"source": "model" | "ema", "epoch": N, "val-accuracy": ...}.
+    checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: str = "1"
     # Softmax temperature fitted on the validation split at the end of training (bincounter.calibration);
     # serving, evaluation and the audit divide the logits by it. 1.0: uncalibrated.
@@ -76,30 +82,98 @@ class ModelConfig:
         cfg = cls(**data)
         if cfg.arch not in ARCHITECTURES:
             raise ValueError(f"Invalid arch {cfg.arch!r} in {CONFIG_FILE}. Only {', '.join(ARCHITECTURES)} are supported.")
+        if cfg.decoding not in DECODINGS:
+            raise ValueError(f"Invalid decoding {cfg.decoding!r} in {CONFIG_FILE}. Only {', '.join(DECODINGS)} are supported.")
         cfg.mean, cfg.std = tuple(cfg.mean), tuple(cfg.std)
         if not (isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0):
             raise ValueError(f"Invalid temperature {cfg.temperature!r} in {CONFIG_FILE}: must be a number > 0.")
         return cfg
 
 
-def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: str | None = None) -> nn.Module:
-    """A torchvision ResNet with a new head: dropout, then a linear layer over ``num_classes`` counts.
+def decode(probs: torch.Tensor, method: str = "argmax") -> torch.Tensor:
+    """Counts (int64, shape ``[N]``) from class probabilities ``[N, K+1]`` (rows sum to 1).
 
-    ``pretrained`` is a local path or ``s3://`` URI of an ImageNet ``state_dict``
-    (e.g. torchvision's ``resnet50-11ad3fa6.pth``), or ``"imagenet"`` to use
-    torchvision's download (needs the internet). ``None`` starts from scratch.
+    - ``argmax``: the most likely count (best accuracy);
+    - ``median``: the median of the predicted distribution, the count that minimises the expected
+      absolute error; it rarely jumps far on an uncertain bin, which lowers RMSE;
+    - ``expected``: the rounded expected count sum_k k * p_k (minimises squared error before rounding).
+
+    Serving, audit and evaluation call this with the ``decoding`` of the model's config.json.
+    """
+    if method == "argmax":
+        return probs.argmax(dim=1)
+    if method == "median":
+        # The first count whose cumulative probability reaches 1/2 (clamped: float rounding).
+        below = (probs.cumsum(dim=1) < 0.5).sum(dim=1)
+        return below.clamp(max=probs.shape[1] - 1)
+    if method == "expected":
+        counts = torch.arange(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        return (probs * counts).sum(dim=1).round().long()
+    raise ValueError(f"Invalid decoding {method!r}. Only {', '.join(DECODINGS)} are supported.")
+
+
+def _head(model: nn.Module, arch: str) -> tuple[nn.Module, str, int]:
+    """(module holding the ImageNet classifier, attribute name, input features) per family."""
+    if arch.startswith("resnet"):
+        return model, "fc", model.fc.in_features
+    if arch.startswith("convnext"):  # classifier = LayerNorm2d, Flatten, Linear
+        return model.classifier, "2", model.classifier[2].in_features
+    return model.classifier, "1", model.classifier[1].in_features  # efficientnet: Dropout, Linear
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` from a weights file: plain, ``{"state_dict": ...}`` / ``{"model": ...}``
+    (training scripts' checkpoints), keys with DDP's ``module.`` prefix stripped."""
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"Weights file {uri} holds no state_dict (a dict of tensors)")
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _arch_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision architecture whose ImageNet model has exactly these keys and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for arch in ARCHITECTURES:
+        ref = getattr(torchvision.models, arch)(weights=None).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in ref.items()}:
+            return arch
+    return None
+
+
+def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: str | None = None) -> nn.Module:
+    """A torchvision network with its ImageNet classifier replaced: dropout, then a linear layer
+    over ``num_classes`` counts (ResNet: ``fc``; ConvNeXt and EfficientNet: the classifier's last layer).
+
+    ``pretrained`` is ``"imagenet"`` for torchvision's current best ImageNet weights (``DEFAULT``:
+    IMAGENET1K_V2 for ResNet-50, downloaded once into the torch hub cache; needs the internet),
+    or a local path / ``s3://`` URI of an ImageNet ``state_dict`` of the same architecture
+    (``read_state_dict`` formats). ``None`` starts from scratch.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"Invalid architecture {arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
     factory = getattr(torchvision.models, arch)
     if pretrained == "imagenet":
-        model = factory(weights="IMAGENET1K_V1")
+        model = factory(weights="DEFAULT")
     else:
         model = factory(weights=None)
         if pretrained:
-            state = torch.load(io.BytesIO(storage.read_bytes(pretrained)), map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-    model.fc = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(model.fc.in_features, num_classes))
+            state = read_state_dict(pretrained)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError:
+                found = _arch_of(state)
+                what = f"a {found} state_dict" if found else "not an ImageNet state_dict of any supported architecture"
+                raise ValueError(f"Weights file {pretrained} is {what}, but the architecture is {arch}. "
+                                 f"Pass --arch {found} or weights for {arch}." if found else
+                                 f"Weights file {pretrained} is {what}; the architecture is {arch}.") from None
+    parent, name, features = _head(model, arch)
+    setattr(parent, name, nn.Sequential(nn.Dropout(p=dropout), nn.Linear(features, num_classes)))
     return model
 
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2 as T
 
+# The recipe's image sizes (docs/training.md): items are small and straps hide them, so the model
+# reads 384 px (ImageNet's 224 loses them), from shards stored at short side 512 so that the
+# resize to the input size only ever shrinks. The split's --short-side default is SHORT_SIDE.
+INPUT_SIZE = 384
+SHORT_SIDE = 512
+
 
 def train_transform(input_size: int, mean, std, resize_size: int | None = None) -> T.Compose:
     resize_size = resize_size or input_size

@@ -15,6 +15,7 @@ def download(
     source_auth: str = "unsigned",
     file_list: str = "",
     max_count: int = -1,
+    k_or_more: bool = False,
     limit: int = 0,
     workers: int = 16,
     s3_endpoint_url: str = "",
@@ -34,6 +35,7 @@ def download(
         source_auth: ``unsigned`` (public bucket), ``signed`` or ``auto``.
         file_list: Optional ``file_list.json`` (local path or ``s3://`` URI) selecting the bins.
         max_count: Skip bins with more than this many items; -1 keeps all.
+        k_or_more: Keep the bins above ``max_count`` anyway (training maps them to the class "K or more").
         limit: Stop after this many complete bins; 0 downloads the whole selection.
         workers: Concurrent bins in flight.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration
@@ -54,7 +56,7 @@ def download(
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
     dest = storage.join(work_uri, "abid")
     summary = download_lib.download(
-        dest=dest, source=source, file_list=file_list or None, max_count=None if max_count < 0 else max_count,
+        dest=dest, source=source, file_list=file_list or None, max_count=None if max_count < 0 or k_or_more else max_count,
         limit=limit or None, workers=workers, auth=source_auth, endpoint_url=source_endpoint_url or None,
         progress=False)
     os.makedirs(raw.path, exist_ok=True)

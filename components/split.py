@@ -15,12 +15,15 @@ def split(
     val: float = 0.1,
     test: float = 0.1,
     seed: int = 0,
-    short_side: int = 320,
+    short_side: int = 512,
     shard_size: int = 1000,
+    train_ids: str = "",
+    val_ids: str = "",
     workers: int = 8,
     s3_endpoint_url: str = "",
 ):
-    """Write stratified train/val/test shards to ``{work_uri}/runs/{run_id}/split``.
+    """Write train/val/test shards to ``{work_uri}/runs/{run_id}/split``: stratified by count, or
+    the standard ABID split when ``train_ids`` / ``val_ids`` name its files.
 
     Training pods on a cluster read the shards from the working store, so they
     go there, not into the artifact; the ``shards`` artifact holds the split's
@@ -37,6 +40,10 @@ def split(
         seed: Assignment and shard-order seed.
         short_side: Images are resized so their short side is this many pixels.
         shard_size: Samples per shard.
+        train_ids: Path or ``s3://`` URI of a split file for train (``counting_train.json``: the
+            324,735 bins the published counting figures train on); empty: stratified split.
+        val_ids: Path or ``s3://`` URI of a split file for val (``counting_val.json``, 36,032 bins);
+            test is then carved from train by ``test``, as the standard split has no test set.
         workers: Parallel image readers and resizers.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
     """
@@ -56,7 +63,8 @@ def split(
     # folder may hold more bins from earlier runs) and spares reading every metadata file.
     source = storage.join(raw.metadata.get("uri") or raw.path, download_lib.MANIFEST)
     manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
-                               short_side=short_side, shard_size=shard_size, workers=workers)
+                               short_side=short_side, shard_size=shard_size, workers=workers,
+                               train_ids=train_ids or None, val_ids=val_ids or None)
     os.makedirs(shards.path, exist_ok=True)
     for rel in [MANIFEST, *manifest.get("files", {}).values()]:
         storage.download_file(storage.join(out, rel), os.path.join(shards.path, rel))

@@ -16,11 +16,12 @@ def train(
     work_uri: str,
     run_id: str,
     best_params: dict = {},
-    epochs: int = 20,
+    epochs: int = 30,
     arch: str = "resnet50",
     max_count: int = 5,
-    input_size: int = 224,
-    pretrained: str = "",
+    k_or_more: bool = True,
+    input_size: int = 384,
+    pretrained: str = "imagenet",
     extra_train_args: list = [],
     workers: int = 2,
     gpus_per_worker: int = 1,
@@ -48,12 +49,15 @@ def train(
         engine: ``kubernetes`` or ``local``.
         work_uri: Working store prefix.
         run_id: The pipeline run id; names the job and the model folder.
-        best_params: Searched hyperparameters from the tune step (``{}``: the trainer's defaults).
+        best_params: Searched hyperparameters from the tune step (``{}``: the trainer's defaults). The
+            learning rate is searched per 256 images (``base-lr``), so it carries over to this job's
+            global batch by the linear scaling rule.
         epochs: Training epochs.
-        arch: Network (resnet18, resnet34, resnet50).
+        arch: Network (resnet18, resnet34, resnet50, convnext_tiny, efficientnet_v2_s).
         max_count: K; classes are counts 0..K.
-        input_size: Training crop size in pixels.
-        pretrained: ImageNet weights (path, ``s3://`` URI or ``imagenet``); empty: from scratch.
+        k_or_more: Train bins above K as the class "K or more" (False drops them: the published 0..5 task).
+        input_size: Model input in pixels (the whole bin, resized).
+        pretrained: ImageNet weights (``imagenet``: torchvision's DEFAULT; a path or ``s3://`` URI); empty: from scratch.
         extra_train_args: More ``bincounter train`` flags, e.g. ``["--label-smoothing", "0.1"]``.
         workers: Training pods (nodes), the master included.
         gpus_per_worker: GPUs per pod, one process each (0: CPU, one process per pod).
@@ -67,7 +71,7 @@ def train(
 
     Returns:
         gpu_hours: GPU-hours the job held.
-        val_accuracy: The last epoch's val-accuracy.
+        val_accuracy: The shipped model's val-accuracy (best epoch, trained or EMA weights).
     """
     import json
     import os
@@ -86,7 +90,8 @@ def train(
     # --resume: a retried step (or a restarted job) continues from the last epoch's checkpoint.
     tuned = search_space.to_train_args(engines.normalize_params(best_params))
     args = engines.training_args(arch=arch, max_count=max_count, input_size=input_size, epochs=epochs,
-                                 pretrained=pretrained, extra=["--resume", *extra_train_args, *tuned])
+                                 pretrained=pretrained, extra=["--resume", "--k-or-more" if k_or_more else "--no-k-or-more",
+                                        *extra_train_args, *tuned])
     if engine == "local":
         from bincounter.engines import local
 

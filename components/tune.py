@@ -21,8 +21,9 @@ def tune(
     epochs: int = 3,
     arch: str = "resnet50",
     max_count: int = 5,
-    input_size: int = 224,
-    pretrained: str = "",
+    k_or_more: bool = True,
+    input_size: int = 384,
+    pretrained: str = "imagenet",
     extra_train_args: list = [],
     gpus_per_trial: int = 1,
     namespace: str = "",
@@ -50,10 +51,11 @@ def tune(
         parallelism: Trials running at the same time.
         max_failed_trials: The search fails after more failed trials than this.
         epochs: Epochs per trial (short: trials rank settings, they do not produce the model).
-        arch: Network (resnet18, resnet34, resnet50).
+        arch: Network (resnet18, resnet34, resnet50, convnext_tiny, efficientnet_v2_s).
         max_count: K; classes are counts 0..K.
-        input_size: Training crop size in pixels.
-        pretrained: ImageNet weights (path, ``s3://`` URI or ``imagenet``); empty: from scratch.
+        k_or_more: Train bins above K as the class "K or more" (False drops them: the published 0..5 task).
+        input_size: Model input in pixels (the whole bin, resized).
+        pretrained: ImageNet weights (``imagenet``: torchvision's DEFAULT; a path or ``s3://`` URI); empty: from scratch.
         extra_train_args: More ``bincounter train`` flags for every trial, e.g. ``["--workers", "8"]``.
         gpus_per_trial: GPUs of each trial's pod (0: CPU).
         namespace: Namespace of the Experiment; empty: the namespace this step runs in (kubeconfig context off-cluster).
@@ -86,7 +88,8 @@ def tune(
     data = shards.metadata.get("uri") or shards.path
     out = storage.join(work_uri, "runs", run_id, "tune")
     fixed = engines.training_args(arch=arch, max_count=max_count, input_size=input_size, epochs=epochs,
-                                  pretrained=pretrained, extra=extra_train_args)
+                                  pretrained=pretrained,
+                                  extra=["--k-or-more" if k_or_more else "--no-k-or-more", *extra_train_args])
     if engine == "local":
         from bincounter.engines import local
 

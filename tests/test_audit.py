@@ -37,10 +37,11 @@ TEMPERATURE = 1.7
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_model(path: Path, k_or_more: bool, temperature: float = TEMPERATURE, max_count: int = 5) -> str:
+def make_model(path: Path, k_or_more: bool, temperature: float = TEMPERATURE, max_count: int = 5,
+               decoding: str = "argmax") -> str:
     torch.manual_seed(0)
     cfg = model_lib.ModelConfig(arch="resnet18", max_count=max_count, k_or_more=k_or_more, input_size=32,
-                                resize_size=36, temperature=temperature, audit_threshold=0.15)
+                                resize_size=36, temperature=temperature, audit_threshold=0.15, decoding=decoding)
     rng = np.random.default_rng(0)  # a calibration record as training writes it (its reliability tables)
     cfg.calibration = calibration.calibrate(rng.normal(size=(50, 6)), rng.integers(0, 6, 50))
     cfg.calibration["temperature"] = temperature
@@ -50,7 +51,8 @@ def make_model(path: Path, k_or_more: bool, temperature: float = TEMPERATURE, ma
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("audit-model"), k_or_more=True)
+    # "median": predicted_count must follow the model's decoding, not a plain argmax.
+    return make_model(tmp_path_factory.mktemp("audit-model"), k_or_more=True, decoding="median")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_table_matches_a_forward_pass_done_by_hand(real_audit, model_dir, real_a
         p = probs[r["id"]]
         k = min(meta["EXPECTED_QUANTITY"], 5)  # "5 or more" is one class for this k_or_more model
         assert float(r["p_expected"]) == pytest.approx(p[k], abs=1e-4)
-        assert int(r["predicted_count"]) == int(p.argmax())
+        assert int(r["predicted_count"]) == int(model_lib.decode(torch.tensor(p)[None], "median")[0])
         assert r["flagged"] == ("true" if float(r["p_expected"]) < 0.15 else "false")  # the model's threshold
         assert jsonl[r["id"]]["probabilities"] == pytest.approx(p.tolist(), abs=1e-4)
     assert summary["flagged"] == sum(r["flagged"] == "true" for r in rows)
@@ -295,16 +297,13 @@ def test_evaluate_reports_ece_before_and_after_the_temperature(synthetic_split, 
     assert (tmp_path / "eval" / ev.RELIABILITY_PNG).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_calibrate_model_fits_on_the_loader_and_fills_the_config(synthetic_split):
+def test_fit_on_split_fits_on_the_whole_split_and_fills_the_config(synthetic_split):
     from bincounter.data import shards
-    from bincounter.data.loader import ShardDataset, make_loader
 
     torch.manual_seed(0)
     net = model_lib.build_model("resnet18", 6)
     cfg = model_lib.ModelConfig(arch="resnet18", input_size=32, resize_size=36, k_or_more=True)
-    dataset = ShardDataset(shards.shard_uris(synthetic_split, "val"),
-                           presets.eval_transform(32, 36, cfg.mean, cfg.std), 5, True)
-    result = calibration.fit_into(cfg, net, make_loader(dataset, 16, 0, torch.device("cpu")), torch.device("cpu"))
+    result = calibration.fit_on_split(cfg, net, synthetic_split, "val", torch.device("cpu"), batch_size=16, workers=0)
     assert cfg.temperature == result["temperature"]
     assert cfg.calibration["samples"] == shards.read_manifest(synthetic_split)["splits"]["val"]["samples"]
     assert result["nll_after"] <= result["nll_before"]

@@ -76,13 +76,14 @@ def test_bad_env_is_named(environ, message):
     ([5], 3, 2),  # one shard, three ranks, two workers each
     ([10, 10, 10, 10, 10], 2, 1),  # uneven shard count per rank
 ])
-def test_partition_reads_every_sample_exactly_once(shard_sizes, world, workers):
+@pytest.mark.parametrize("balanced", [False, True])
+def test_partition_reads_every_sample_exactly_once(shard_sizes, world, workers, balanced):
     seen = Counter()
     per_rank = Counter()
     for rank in range(world):
         for worker in range(workers):
-            shards, rank_stride, worker_stride, worker_offset = d.partition(len(shard_sizes), rank, world,
-                                                                            worker, workers)
+            shards, rank_stride, worker_stride, worker_offset = d.partition(
+                len(shard_sizes), rank, world, worker, workers, shard_sizes if balanced else None)
             kept = 0  # the dataset's rule (bincounter.data.loader.ShardDataset._samples)
             for s in shards:
                 for j in range(shard_sizes[s]):
@@ -95,6 +96,18 @@ def test_partition_reads_every_sample_exactly_once(shard_sizes, world, workers):
     assert sorted(seen) == [(s, j) for s, n in enumerate(shard_sizes) for j in range(n)]
     assert set(seen.values()) == {1}
     assert all(per_rank[r] > 0 for r in range(world))  # no rank idles
+
+
+def test_ranks_are_balanced_by_samples_and_steps_come_from_the_longest_rank():
+    # The case: round robin gave rank 0 shards 0 and 2 (400 samples) and rank 1 210, or the
+    # other way round; by sample count the two ranks get 400 / 210 at best with four shards, and
+    # with eight shards the split is even.
+    assert d.balance([200, 200, 200, 10], 2) == [[0, 2], [1, 3]]
+    assert d.batches_per_rank([200, 200, 200, 10], 2, 1, 8) == [50, 27]
+    assert d.balance([10, 200, 10, 200, 200, 10, 200, 10], 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert d.batches_per_rank([10, 200, 10, 200, 200, 10, 200, 10], 2, 1, 8) == [53, 53]
+    # a DataLoader worker batches its own stream: 2 workers of 25 samples give 4 + 4 batches of 8
+    assert d.batches_per_rank([25, 25], 1, 2, 8) == [8]
 
 
 def _free_port() -> int:

@@ -71,7 +71,8 @@ def test_evaluate_model_folder_matches_predictions_made_by_hand(synthetic_split,
     """evaluate() on a (randomly initialised) model folder equals compute_metrics on predictions
     computed here sample by sample; counts above K are dropped or mapped to K as the model says."""
     torch.manual_seed(0)
-    cfg = model_lib.ModelConfig(arch="resnet18", max_count=3, k_or_more=k_or_more, input_size=64, resize_size=72)
+    cfg = model_lib.ModelConfig(arch="resnet18", max_count=3, k_or_more=k_or_more, input_size=64, resize_size=72,
+                                decoding="median")
     model_lib.save_model_dir(model_lib.build_model("resnet18", cfg.num_classes), cfg, str(tmp_path / "model"))
 
     metrics = ev.evaluate(str(tmp_path / "model"), synthetic_split, split="test", output=str(tmp_path / "eval"),
@@ -79,21 +80,27 @@ def test_evaluate_model_folder_matches_predictions_made_by_hand(synthetic_split,
 
     net, cfg = model_lib.load_model_dir(tmp_path / "model")
     transform = presets.eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std)
-    y_true, y_pred = [], []
+    y_true, y_pred, y_median = [], [], []
     for uri in shards.shard_uris(synthetic_split, "test"):
         for sample in shards.iter_shard(uri):
             if sample.count > 3 and not k_or_more:
                 continue
             image = transform(Image.open(io.BytesIO(sample.jpeg)).convert("RGB"))
             with torch.inference_mode():
-                y_pred.append(int(net(image[None]).argmax()))
+                p = net(image[None]).softmax(dim=1)[0].numpy()
+            y_pred.append(int(p.argmax()))
+            y_median.append(int(np.searchsorted(np.cumsum(p), 0.5)))  # first count with P(<= count) >= 1/2
             y_true.append(min(sample.count, 3))
-    expected = ev.compute_metrics(y_true, y_pred, 4)
+    expected = ev.compute_metrics(y_true, y_median, 4)  # the model's decoding: median
+    by_argmax = ev.compute_metrics(y_true, y_pred, 4)
     manifest = shards.read_manifest(synthetic_split)["splits"]["test"]
     kept = sum(n for c, n in manifest["class_counts"].items() if int(c) <= 3 or k_or_more)
     assert metrics["samples"] == kept == len(y_true)
     assert metrics["confusion_matrix"] == expected["confusion_matrix"]
-    assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["decoding"] == "median"
+    assert metrics["decodings"]["argmax"]["accuracy"] == pytest.approx(by_argmax["accuracy"])
+    assert metrics["decodings"]["argmax"]["rmse"] == pytest.approx(by_argmax["rmse"])
+    assert set(metrics["decodings"]) == {"argmax", "median", "expected"}
     assert metrics["class_names"] == (["0", "1", "2", "3+"] if k_or_more else ["0", "1", "2", "3"])
     written = json.loads((tmp_path / "eval" / ev.METRICS_FILE).read_text())
     assert written["confusion_matrix"] == expected["confusion_matrix"]
@@ -109,3 +116,25 @@ def test_summary_line_parses_with_katib_regex():
     assert pairs["test-accuracy"] == pytest.approx(0.625)
     assert pairs["test-rmse"] == pytest.approx(math.sqrt(0.75), abs=1e-4)
     assert pairs["test-samples"] == 8
+
+
+def test_decodings_on_hand_worked_distributions():
+    probs = torch.tensor([[0.1, 0.3, 0.2, 0.4],    # argmax 3; P(<=1) = 0.4, P(<=2) = 0.6: median 2; E = 1.9
+                          [0.6, 0.1, 0.1, 0.2],    # argmax 0, median 0, E = 0.9 -> 1
+                          [0.0, 0.5, 0.0, 0.5]])   # P(<=1) = 0.5 reaches 1/2: median 1; E = 2.0
+    assert model_lib.decode(probs, "argmax").tolist() == [3, 0, 1]
+    assert model_lib.decode(probs, "median").tolist() == [2, 0, 1]
+    assert model_lib.decode(probs, "expected").tolist() == [2, 1, 2]
+    with pytest.raises(ValueError, match="Invalid decoding 'mode'. Only argmax, median, expected"):
+        model_lib.decode(probs, "mode")
+
+
+def test_decoding_is_chosen_on_validation_and_recorded():
+    from bincounter import train as tr
+
+    row = {"val-argmax-accuracy": 0.60, "val-argmax-rmse": 0.95, "val-median-accuracy": 0.595,
+           "val-median-rmse": 0.85, "val-expected-accuracy": 0.50, "val-expected-rmse": 0.80}
+    assert tr.choose_decoding(row) == "median"  # expected has the lowest RMSE but costs 10 points of accuracy
+    assert tr.choose_decoding(row, "argmax") == "argmax"
+    with pytest.raises(ValueError, match="Invalid decoding"):
+        model_lib.ModelConfig.from_dict({"decoding": "mode"})

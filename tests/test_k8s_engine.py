@@ -41,7 +41,7 @@ def test_train_on_spot_gpus_labels_the_run_and_reads_the_final_metrics(double, t
 
 def test_tune_maps_katib_trials_to_the_local_engines_result(double, tmp_path):
     name = engine.object_name("tune", RUN)
-    best = {"lr": "0.002", "batch-size": "64", "optimizer": "sgd", "weight-decay": "0.0001", "dropout": "0.1"}
+    best = {"base-lr": "0.002", "batch-size": "64", "weight-decay": "0.05", "dropout": "0.1"}
     double.script("experiments", name, kd.experiment_success(NS, name, best, accuracy=0.7))
     double.objects[("trials", NS, f"{name}-x7k2p9")] = kd.trial(NS, name, f"{name}-x7k2p9", "Succeeded", best, "0.7")
     double.objects[("trials", NS, f"{name}-b")] = kd.trial(NS, name, f"{name}-b", "EarlyStopped", best, "0.2")

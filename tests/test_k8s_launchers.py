@@ -134,15 +134,15 @@ def test_an_invalid_object_is_rejected_by_the_double(double, lines):
 
 
 def test_experiment_success_returns_typed_best_hyperparameters(double, lines):
-    best = {"lr": "0.00123", "batch-size": "32", "optimizer": "adamw", "weight-decay": "1e-05", "dropout": "0.2"}
+    best = {"base-lr": "0.00123", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
     double.script("experiments", "tune1", kd.experiment_success(NS, "tune1", best, accuracy=0.61))
     for trial, state, acc in (("tune1-x7k2p9", "Succeeded", "0.61"), ("tune1-b", "EarlyStopped", "0.30")):
         double.objects[("trials", NS, trial)] = kd.trial(NS, "tune1", trial, state, best, acc)
     result = launchers.tune("tune1", NS, data_uri="s3://b/split", trials_uri="s3://b/trials",
                             extra_args=["--epochs", "1"], parallel_trials=2, max_trials=3,
                             api_client=double.api_client(), log=lines.append, **FAST)
-    assert result["best_hyperparameters"] == {"lr": 0.00123, "batch-size": 32, "optimizer": "adamw",
-                                              "weight-decay": 1e-05, "dropout": 0.2}
+    assert result["best_hyperparameters"] == {"base-lr": 0.00123, "batch-size": 32,
+                                              "weight-decay": 0.05, "dropout": 0.2}
     assert result["best_metrics"]["val-accuracy"] == pytest.approx(0.61)
     assert result["best_trial"] == "tune1-x7k2p9"
     assert result["best_model_uri"] == "s3://b/trials/tune1-x7k2p9"

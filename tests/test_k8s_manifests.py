@@ -144,13 +144,13 @@ def test_experiment_is_the_pytorchjob_with_the_shared_search_space():
     trial = copy.deepcopy(tmpl["trialSpec"])
     for rs in trial["spec"]["pytorchReplicaSpecs"].values():
         c = rs["template"]["spec"]["containers"][0]
-        c["args"] = c["args"][:c["args"].index("--lr")]
+        c["args"] = c["args"][:c["args"].index(search_space.SEARCH_SPACE[0].flag)]
     assert trial["spec"] == job["spec"]
 
 
 def test_experiment_rejects_extra_args_that_katib_searches():
-    with pytest.raises(ValueError, match="lr"):
-        o.experiment("e", data_uri="s3://b/d", trials_uri="s3://b/t", extra_args=["--lr", "0.1"])
+    with pytest.raises(ValueError, match="base-lr"):
+        o.experiment("e", data_uri="s3://b/d", trials_uri="s3://b/t", extra_args=["--base-lr", "0.1"])
     with pytest.raises(ValueError, match="Only tpe, bayesianoptimization"):
         o.experiment("e", data_uri="s3://b/d", trials_uri="s3://b/t", algorithm="grid")
 

@@ -116,8 +116,8 @@ def test_train_command_is_torchrun_of_the_one_entrypoint():
 
 
 def test_tune_rejects_fixed_args_that_are_searched(tmp_path):
-    with pytest.raises(ValueError, match=r"--lr"):
-        local.tune("d", str(tmp_path), ["--lr", "0.1", "--epochs", "1"], trials=1)
+    with pytest.raises(ValueError, match=r"--base-lr"):
+        local.tune("d", str(tmp_path), ["--base-lr", "0.1", "--epochs", "1"], trials=1)
 
 
 def test_tune_command_line():
@@ -193,18 +193,18 @@ FAKE_TRAINER = '''
 """A stand-in for bincounter.train under torchrun: prints Katib metric lines from the hyperparameters."""
 import argparse, math, sys, time
 p = argparse.ArgumentParser()
-for flag in ("--data", "--output", "--optimizer"):
+for flag in ("--data", "--output"):
     p.add_argument(flag)
-for flag in ("--lr", "--weight-decay", "--dropout"):
+for flag in ("--base-lr", "--weight-decay", "--dropout", "--label-smoothing"):
     p.add_argument(flag, type=float)
 p.add_argument("--batch-size", type=int)
 p.add_argument("--epochs", type=int)
 a = p.parse_args()
-if a.dropout > 0.4:
+if a.dropout > 0.25:
     print("ValueError: simulated divergence", flush=True)
     sys.exit(1)
 for epoch in range(1, a.epochs + 1):
-    acc = max(0.0, 1 - abs(math.log10(a.lr) + 3) / 2) * epoch / a.epochs  # best near lr=1e-3
+    acc = max(0.0, 1 - abs(math.log10(a.base_lr) + 3) / 2) * epoch / a.epochs  # best near 1e-3
     print(f"epoch={epoch} train-loss={1 - acc:.4f} val-accuracy={acc:.4f}", flush=True)
     time.sleep(0.2)
 '''
@@ -226,11 +226,11 @@ def test_tune_records_complete_pruned_and_failed_trials(tmp_path, monkeypatch):
     assert "PRUNED" in states.values(), states  # median stopping ended a weak trial early
     for r in result.trials:
         if r["state"] == "COMPLETE":  # objective: the best epoch's val-accuracy, as Katib's "max" strategy
-            assert r["value"] == _fake_accuracy(r["params"]["lr"], 4, 4)
+            assert r["value"] == _fake_accuracy(r["params"]["base-lr"], 4, 4)
         if r["state"] == "FAIL":
-            assert r["params"]["dropout"] > 0.4 and "simulated divergence" in r["error"]
+            assert r["params"]["dropout"] > 0.25 and "simulated divergence" in r["error"]
         if r["state"] == "PRUNED":
-            assert r["value"] < _fake_accuracy(r["params"]["lr"], 4, 4)  # stopped before its last epoch
+            assert r["value"] < _fake_accuracy(r["params"]["base-lr"], 4, 4)  # stopped before its last epoch
     complete = [r for r in result.trials if r["state"] == "COMPLETE"]
     assert result.best_value == max(r["value"] for r in complete)
     assert result.best_params == next(r["params"] for r in complete if r["value"] == result.best_value)

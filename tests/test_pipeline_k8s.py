@@ -51,7 +51,7 @@ def test_train_component_runs_a_pytorchjob_and_publishes_the_model(double, tmp_p
     out = components.train.python_func(
         shards=_shards(tmp_path), model=model, engine="kubernetes", work_uri=str(tmp_path), run_id=RUN,
         # as KFP hands over tune's output: every number a float
-        best_params={"lr": 0.002, "batch-size": 64.0, "optimizer": "sgd", "weight-decay": 0.0001, "dropout": 0.1},
+        best_params={"base-lr": 0.002, "batch-size": 64.0, "weight-decay": 0.05, "dropout": 0.1},
         epochs=20, arch="resnet50", workers=2, gpus_per_worker=4, image_tag="9.9.9", spot=True)
 
     job = double.objects[("pytorchjobs", NS, name)]
@@ -60,7 +60,7 @@ def test_train_component_runs_a_pytorchjob_and_publishes_the_model(double, tmp_p
     args = master["containers"][0]["args"]
     assert args[:4] == ["--data", str(tmp_path / "runs" / RUN / "split"), "--output", str(model_dir)]
     assert "--resume" in args and args[args.index("--batch-size") + 1] == "64"
-    assert args[args.index("--lr") + 1] == "0.002" and args[args.index("--epochs") + 1] == "20"
+    assert args[args.index("--base-lr") + 1] == "0.002" and args[args.index("--epochs") + 1] == "20"
     assert master["containers"][0]["image"].endswith("/bincounter-trainer:9.9.9")
     assert master["nodeSelector"]["karpenter.sh/capacity-type"] == "spot"
     assert job["spec"]["nprocPerNode"] == "4"
@@ -72,7 +72,7 @@ def test_train_component_runs_a_pytorchjob_and_publishes_the_model(double, tmp_p
 
 def test_tune_component_runs_a_katib_experiment(double, tmp_path):
     name = k8s_engine.object_name("tune", RUN)
-    best = {"lr": "0.002", "batch-size": "32", "optimizer": "adamw", "weight-decay": "0.0001", "dropout": "0.2"}
+    best = {"base-lr": "0.002", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
     double.script("experiments", name, kd.experiment_success(NS, name, best, accuracy=0.58))
     double.objects[("trials", NS, f"{name}-a")] = kd.trial(NS, name, f"{name}-a", "Succeeded", best, "0.58")
     tuning = dsl.Metrics(name="tuning", uri=str(tmp_path / "artifacts" / "tuning"), metadata={})
@@ -87,7 +87,7 @@ def test_tune_component_runs_a_katib_experiment(double, tmp_path):
         "template"]["spec"]["containers"][0]["args"]
     assert "--workers" in trial_args and trial_args[trial_args.index("--epochs") + 1] == "2"
     assert out.best_value == pytest.approx(0.58)
-    assert out.best_params["batch-size"] == 32 and out.best_params["optimizer"] == "adamw"
+    assert out.best_params["batch-size"] == 32 and out.best_params["base-lr"] == 0.002
     assert tuning.metadata["best-val-accuracy"] == pytest.approx(0.58)
     assert (tmp_path / "runs" / RUN / "tune" / "tuning.json").is_file()
 

@@ -73,7 +73,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         model = outputs["train"]["artifacts"]["model"]["artifacts"][0]
         config = json.loads(Path(model["uri"], "config.json").read_text())
         assert config["arch"] == "resnet18" and config["max_count"] == TINY["max_count"]
-        assert config["train_args"]["lr"] == pytest.approx(best["lr"])
+        assert config["train_args"]["base_lr"] == pytest.approx(best["base-lr"])
         assert config["train_args"]["batch_size"] == int(best["batch-size"])
         assert storage.exists(storage.join(model["metadata"]["uri"], "model.pt"))
 

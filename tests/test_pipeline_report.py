@@ -18,12 +18,12 @@ METRICS = {"samples": 3, "accuracy": 2 / 3, "within1": 1.0, "rmse": 0.5774, "mae
 
 
 def test_report_has_data_params_metrics_confusion_and_cost():
-    md = report.render_markdown(split_manifest=MANIFEST, best_params={"lr": 0.001, "optimizer": "adamw"},
+    md = report.render_markdown(split_manifest=MANIFEST, best_params={"base-lr": 0.001, "dropout": 0.1},
                                 best_value=0.75, test_metrics=METRICS, gpu_hours={"tune": 0.5, "train": 2.0},
                                 price_per_gpu_hour=3.0, capacity="on-demand", run={"engine": "kubernetes"})
     assert "| train | 8 | 1 | 3 | 5 |" in md
     assert "Skipped records: 2 (unreadable-jpeg: 2)" in md
-    assert "| lr | 0.001 |" in md and "Best trial val-accuracy: 0.7500" in md
+    assert "| base-lr | 0.001 |" in md and "Best trial val-accuracy: 0.7500" in md
     assert "| accuracy | 0.6667 |" in md
     assert "| 1 | 1 | 1 |" in md  # confusion matrix row: true 1 -> predicted 0 once, 1 once
     assert "| tune | 0.500 | 1.50 |" in md and "| train | 2.000 | 6.00 |" in md
@@ -44,8 +44,8 @@ def test_report_without_tuning_and_bad_inputs():
 
 def test_hyperparameters_come_back_in_their_search_space_types():
     # KFP turns every number of a dict into a float; Katib reports strings.
-    assert engines.normalize_params({"batch-size": 32.0, "lr": "0.01", "optimizer": "sgd", "dropout": 0}) == {
-        "batch-size": 32, "lr": 0.01, "optimizer": "sgd", "dropout": 0.0}
+    assert engines.normalize_params({"batch-size": 32.0, "base-lr": "0.001", "dropout": 0}) == {
+        "batch-size": 32, "base-lr": 0.001, "dropout": 0.0}
     assert engines.normalize_params({"batch-size": "64"}) == {"batch-size": 64}
     with pytest.raises(ValueError, match="Choices"):
         engines.normalize_params({"batch-size": 48})
@@ -62,8 +62,8 @@ def test_training_args_are_checked_by_the_trainers_parser():
         engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=2, extra=["--wrokers", "0"])
     with pytest.raises(ValueError, match="invalid choice: 'resnet9'"):
         engines.training_args(arch="resnet9", max_count=4, input_size=64, epochs=2)
-    with pytest.raises(ValueError, match="warmup_epochs"):  # the trainer's own combination check
-        engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=1)
+    with pytest.raises(ValueError, match="input_size <= resize_size"):  # the trainer's own combination check
+        engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=1, extra=["--resize-size", "32"])
 
 
 def test_local_world_size_matches_the_cluster_shape():

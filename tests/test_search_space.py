@@ -9,9 +9,9 @@ from bincounter import search_space as ss
 def test_katib_parameters_cover_every_param_with_katib_types():
     params = {p["name"]: p for p in ss.to_katib_parameters()}
     assert list(params) == [p.name for p in ss.SEARCH_SPACE]
-    assert params["lr"] == {"name": "lr", "parameterType": "double",
-                            "feasibleSpace": {"min": "0.0001", "max": "0.01", "distribution": "logUniform"}}
-    assert params["optimizer"]["feasibleSpace"]["list"] == ["adamw", "sgd"]
+    assert params["base-lr"] == {"name": "base-lr", "parameterType": "double",
+                                 "feasibleSpace": {"min": "0.0001", "max": "0.003", "distribution": "logUniform"}}
+    assert params["batch-size"]["feasibleSpace"]["list"] == ["16", "32", "64"]
     # Katib wants every bound and choice as a string.
     for p in params.values():
         for value in p["feasibleSpace"].values():
@@ -30,7 +30,7 @@ def test_optuna_samples_stay_inside_the_space():
 
 
 def test_train_args_use_the_training_flags_and_reject_unknown_names():
-    assert ss.to_train_args({"lr": 0.001, "optimizer": "sgd"}) == ["--lr", "0.001", "--optimizer", "sgd"]
+    assert ss.to_train_args({"base-lr": 0.001, "batch-size": 16}) == ["--base-lr", "0.001", "--batch-size", "16"]
     with pytest.raises(KeyError, match="Unknown hyperparameter 'learning_rate'"):
         ss.to_train_args({"learning_rate": 0.1})
 

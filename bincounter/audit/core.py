@@ -268,8 +268,11 @@ def score_chunk(scorer: Scorer, chunk: Chunk, settings: Settings, *, workers: in
 
 
 def decode_count(probs, config) -> int:
-    """The predicted count from the class probabilities: the most probable class."""
-    return int(probs.argmax())
+    """The predicted count from one bin's class probabilities, with the decoding the model ships
+    with (``config.json``'s ``decoding``: argmax, median or expected; ``bincounter.model.decode``)."""
+    from bincounter.model import decode
+
+    return int(decode(probs[None], config.decoding)[0])
 
 
 def thumbnail(jpeg: bytes) -> str:

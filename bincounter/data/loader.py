@@ -29,8 +29,14 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, shard_uris: list[str], transform: Callable, max_count: int, k_or_more: bool = False,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0,
+                 shard_sizes: list[int] | None = None):
         self.shard_uris, self.transform = list(shard_uris), transform
+        # Samples each shard yields after the label filter (``shard_sample_counts``); with them
+        # ranks and workers get shards by sample count (``distributed.balance``), not round robin.
+        if shard_sizes is not None and len(shard_sizes) != len(self.shard_uris):
+            raise ValueError(f"{len(shard_sizes)} shard sizes for {len(self.shard_uris)} shards")
+        self.shard_sizes = shard_sizes
         self.max_count, self.k_or_more = max_count, k_or_more
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -44,12 +50,26 @@ class ShardDataset(IterableDataset):
             return count
         return self.max_count if self.k_or_more else None
 
-    def _samples(self, epoch: int, worker: int, num_workers: int):
+    def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.shard_uris)))
         if self.shuffle_buffer:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # identical on every rank
+        return order
+
+    def _sizes(self, order: list[int]) -> list[int] | None:
+        return None if self.shard_sizes is None else [self.shard_sizes[s] for s in order]
+
+    def steps(self, epoch: int, batch_size: int, num_workers: int) -> int | None:
+        """Batches the longest rank yields this epoch (None without shard sizes): the epoch's step count."""
+        sizes = self._sizes(self._order(epoch))
+        if sizes is None:
+            return None
+        return max(dist_utils.batches_per_rank(sizes, self.world_size, num_workers, batch_size))
+
+    def _samples(self, epoch: int, worker: int, num_workers: int):
+        order = self._order(epoch)
         picked, rank_stride, worker_stride, worker_offset = dist_utils.partition(
-            len(order), self.rank, self.world_size, worker, num_workers)
+            len(order), self.rank, self.world_size, worker, num_workers, self._sizes(order))
         seen = 0
         for i in picked:
             s = order[i]
@@ -101,6 +121,15 @@ def make_loader(dataset: ShardDataset, batch_size: int, workers: int, device: to
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None)
+
+
+def shard_sample_counts(manifest: dict, split: str, max_count: int, k_or_more: bool) -> list[int] | None:
+    """Samples each shard of ``split`` yields after the label filter (None for manifests without
+    per-shard counts, written before ``shard_class_counts`` existed)."""
+    per_shard = manifest.get("splits", {}).get(split, {}).get("shard_class_counts")
+    if per_shard is None:
+        return None
+    return [sum(n for c, n in counts.items() if int(c) <= max_count or k_or_more) for counts in per_shard]
 
 
 def count_samples(manifest: dict, split: str, max_count: int, k_or_more: bool) -> int | None:

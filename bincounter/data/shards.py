@@ -16,7 +16,8 @@ string (``00013`` and ``13`` are different bins):
 ``manifest.json`` holds at least::
 
     {"splits": {"train": {"shards": ["train/shard-000000.tar", ...],
-                           "samples": N, "class_counts": {"0": n0, ...}},
+                           "samples": N, "class_counts": {"0": n0, ...},
+                           "shard_class_counts": [{"0": ..., ...}, ...]},  # one per shard, same order
                 "val": {...}, "test": {...}},
      "short_side": 320, "seed": 0, ...}
 """

@@ -163,7 +163,7 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
         except Exception as e:  # botocore's NoSuchKey and friends
             return rec, abid.Skipped(rec.id, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
 
-    shards, written = [], []
+    shards, written, per_shard = [], [], []
     with ThreadPoolExecutor(max(1, workers)) as pool, tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(records), shard_size):
             rel = f"{name}/shard-{len(shards):06d}.tar"
@@ -185,7 +185,10 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
             if n:
                 storage.upload_file(local, storage.join(out, rel), endpoint_url=endpoint_url)
                 shards.append(rel)
-    return {"shards": shards, "samples": len(written), "class_counts": abid.count_classes(written)}
+                # Per-shard class counts let training balance ranks by samples kept, not by shard count.
+                per_shard.append(abid.count_classes(written[-n:]))
+    return {"shards": shards, "samples": len(written), "class_counts": abid.count_classes(written),
+            "shard_class_counts": per_shard}
 
 
 def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None:
@@ -228,7 +231,7 @@ def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
 
 
 def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: int = 0,
-          short_side: int = 320, shard_size: int = 1000, train_ids: str | None = None,
+          short_side: int = 512, shard_size: int = 1000, train_ids: str | None = None,
           val_ids: str | None = None, test_ids: str | None = None, workers: int = 4,
           endpoint_url: str | None = None) -> dict:
     """Split ``source`` (download folder or its manifest.json) into shards under ``out``; return the manifest."""
@@ -299,7 +302,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test", type=float, default=0.1,
                    help="test fraction per class (of train with --val-ids) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="assignment and shard-order seed (default: %(default)s)")
-    p.add_argument("--short-side", type=int, default=320,
+    p.add_argument("--short-side", type=int, default=512,
                    help="resize images so the short side is this many px (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     p.add_argument("--train-ids", default=None, help="standard split file for train (e.g. counting_train.json)")
