@@ -73,6 +73,21 @@ def by_name(name: str) -> Param:
     raise KeyError(f"Unknown hyperparameter {name!r}. Known: {', '.join(p.name for p in SEARCH_SPACE)}")
 
 
+# Katib algorithms that log-transform every double (Katib's skopt suggestion service,
+# pkg/suggestion/v1beta1/skopt/base_service.py, builds skopt Real(min, max, "log-uniform")):
+# a double whose min is <= 0 gives log(0) and NaN suggestions.
+LOG_TRANSFORMING_ALGORITHMS = ("bayesianoptimization",)
+
+
+def check_algorithm(algorithm: str, space: Sequence[Param] = SEARCH_SPACE) -> None:
+    """Raise when the algorithm cannot search this space (a double reaching 0 under a log transform)."""
+    if algorithm in LOG_TRANSFORMING_ALGORITHMS:
+        bad = [p.name for p in space if p.kind == "double" and p.low <= 0]
+        if bad:
+            raise ValueError(f"Katib's {algorithm} log-transforms every double parameter; "
+                             f"{', '.join(bad)} has min <= 0 (log gives NaN). Use tpe or random.")
+
+
 def to_katib_parameters(space: Sequence[Param] = SEARCH_SPACE) -> list[dict]:
     """Katib ``spec.parameters`` entries (kubeflow.org/v1beta1 ParameterSpec)."""
     out = []

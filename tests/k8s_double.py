@@ -331,6 +331,7 @@ class K8sDouble:
         namespaces: name -> labels of the namespaces that exist (``profile_namespace`` gives a
         Kubeflow profile's labels)."""
         self.release = k8s_releases.release_profile(release) if release else None
+        self.profile = self.release or k8s_releases.newest_profile()  # what discovery shows
         self.namespaces: dict[str, dict[str, str]] = dict(namespaces or {})
         # What SelfSubjectAccessReview allows: the Role bincounter's manifests bind.
         self.rbac_rules: list[dict] = copy.deepcopy(o.ROLE_RULES)
@@ -458,10 +459,9 @@ class K8sDouble:
         for m, prefix, fn in self.routes:
             if m == method and (path == prefix or path.startswith(prefix + "/")):
                 return fn(self, method, parts, query, body)
-        if self.release:
-            answer = self._release_handle(method, parts, query, body)
-            if answer:
-                return answer
+        answer = self._release_handle(method, parts, query, body)
+        if answer:
+            return answer
         return self._handle(method, parts, query, body)
 
     # -- release profile behaviours
@@ -472,7 +472,7 @@ class K8sDouble:
                                  f'in the namespace "{ns}"'), "application/json"
 
     def _release_handle(self, method, parts, query, body):
-        json_t, rel = "application/json", self.release
+        json_t, rel = "application/json", self.profile
         resources = rel.resources()
         if parts == ["apis"] and method == "GET":
             groups: dict[str, list[str]] = {}
@@ -494,7 +494,7 @@ class K8sDouble:
             attrs = body["spec"]["resourceAttributes"]
             allowed = rel.installed(attrs.get("group", ""), attrs["resource"]) and self._granted(attrs)
             return 201, {**body, "status": {"allowed": allowed}}, json_t
-        if parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
+        if self.release and parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, plural, ns = parts[1], parts[5], parts[4]
             if not rel.installed(group, plural):
                 verb = {"GET": "list" if len(parts) == 6 else "get", "POST": "create", "PUT": "update",
@@ -521,9 +521,9 @@ class K8sDouble:
         """The OpenAPI v3 document the API server publishes for a CRD group (readable by every
         authenticated user through the system:discovery role); only TrainJob's schema is served."""
         json_t = "application/json"
-        if (group, version) != ("trainer.kubeflow.org", "v1alpha1") or "TrainJob" not in self.release.kinds:
+        if (group, version) != ("trainer.kubeflow.org", "v1alpha1") or "TrainJob" not in self.profile.kinds:
             return 404, self._status(404, "NotFound", "the server could not find the requested resource"), json_t
-        spec = {f: {"type": "object"} for f in self.release.trainjob_spec_fields}
+        spec = {f: {"type": "object"} for f in self.profile.trainjob_spec_fields}
         return 200, {"openapi": "3.0.0", "components": {"schemas": {"trainer.kubeflow.org.v1alpha1.TrainJob": {
             "type": "object", "x-kubernetes-group-version-kind": [
                 {"group": group, "kind": "TrainJob", "version": version}],

@@ -85,8 +85,9 @@ def _installed_kinds(release: str) -> dict[str, tuple[str, str, str]]:
     return kinds
 
 
-def _trainjob_fields(release: str) -> tuple[str, ...]:
-    path = k8s_schemas.release_file(release, "trainer.kubeflow.org_trainjobs.yaml")
+def _trainjob_fields(release: str | None) -> tuple[str, ...]:
+    path = (k8s_schemas.release_file(release, "trainer.kubeflow.org_trainjobs.yaml") if release
+            else k8s_schemas.SCHEMAS / k8s_schemas.CRDS[("trainer.kubeflow.org/v1alpha1", "TrainJob")])
     if path is None:
         return ()
     crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
@@ -132,6 +133,20 @@ def release_profile(name: str) -> Release:
 
 
 RELEASES = k8s_schemas.RELEASES
+
+
+@functools.lru_cache(maxsize=None)
+def newest_profile() -> Release:
+    """Not a release: what the permissive double (no release) discovers, every kind at the newest
+    schemas in tests/schemas (Trainer v2.3: runtimePatches), no admission rules of a release."""
+    from bincounter.k8s import objects as o
+
+    fields = _trainjob_fields(None)
+    return Release(name="newest", kinds={k: v for k, v in o.CUSTOM_KINDS.items() if k not in CORE_KINDS} | {
+        "Trial": ("kubeflow.org", "v1beta1", "trials")},
+        trainjob_api=next((f for f in ("runtimePatches", "podTemplateOverrides") if f in fields), None),
+        trainjob_spec_fields=fields, katib_trial_resources=(), injection_label=("", ""), profile_labels={},
+        kserve_default_mode="Serverless", knative_features={})
 
 # ---------------------------------------------------------------- Knative's field masks
 

@@ -175,8 +175,9 @@ def test_experiment_failure_shows_a_failed_trial_log(double, lines):
              "metadata": {"name": "tune1-abc", "namespace": NS, "labels": {"katib.kubeflow.org/experiment": "tune1"}}}
     double.objects[("trials", NS, "tune1-abc")] = {
         **trial, "status": {"conditions": [kd._cond("Failed", "True", "TrialFailed", "Trial has failed")]}}
-    double.pods = [kd.pod(NS, "tune1-abc-master-0", {"training.kubeflow.org/job-name": "tune1-abc"}, "pytorch", 1)]
-    double.logs[(NS, "tune1-abc-master-0", "pytorch")] = "ValueError: Invalid optimizer"
+    # Katib's StdOut collector: the training output is in the injected container's log
+    double.pods = [kd.katib_trial_pod(NS, "tune1-abc", "PyTorchJob", "pytorch", 1, "ValueError: Invalid optimizer",
+                                      double.logs)]
     with pytest.raises(launchers.LaunchError, match="ExperimentMaxFailedTrialsReached"):
         launchers.tune("tune1", NS, data_uri="s3://b/split", trials_uri="s3://b/trials",
                        api_client=double.api_client(), log=lines.append, **FAST)
@@ -220,7 +221,8 @@ def test_updated_inference_service_waits_for_the_new_generation(double, lines):
     assert {"name": "STORAGE_URI", "value": "s3://b/models/m1"} in stored["spec"]["predictor"]["containers"][0]["env"]
     gets = [r for r in double.requests if r == ("GET", f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/bincounter")]
     assert len(gets) >= 1 + 5  # the existence check, then the whole rollout sequence was polled
-    assert any("observedGeneration=1/2" in line for line in lines)
+    assert any("revision created=bincounter-predictor-00002 ready=bincounter-predictor-00001" in line
+               for line in lines)
     assert not double.deleted
 
 

@@ -17,7 +17,14 @@ from bincounter.k8s import manifests, objects as o
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZATIONS = ["base", "trainer-v2", "overlays/cpu-smoke", "overlays/gpu", "overlays/kubeflow", "audit"]
+KUSTOMIZATIONS = ["common", "base", "trainer-v2", "trainer-v2.2", "overlays/cpu-smoke", "overlays/gpu",
+                  "overlays/kubeflow", "audit"]
+# The Kubeflow releases each folder claims to run on (docs/kubernetes.md, support matrix); every
+# rendered object must validate against each of those releases' own CRDs. trainer-v2.2 is for
+# Trainer >= 2.2, which no supported release ships: it is checked against Trainer v2.3's CRD.
+CLAIMS = {"common": ("1.10.2", "1.11.0"), "base": ("1.10.2",), "trainer-v2": ("1.11.0",), "trainer-v2.2": (None,),
+          "overlays/cpu-smoke": ("1.10.2",), "overlays/gpu": ("1.10.2",), "overlays/kubeflow": ("1.10.2",),
+          "audit": ("1.10.2", "1.11.0")}
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 
 
@@ -63,21 +70,29 @@ def test_drift_check_notices_an_edited_file(tmp_path):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("rel", KUSTOMIZATIONS)
-def test_every_rendered_object_validates_strictly(rendered, rel):
+@pytest.mark.parametrize("rel, release", [(rel, r) for rel in KUSTOMIZATIONS for r in CLAIMS[rel]])
+def test_every_rendered_object_validates_strictly(rendered, rel, release):
     objs = rendered[rel]
     assert objs
-    problems = [p for obj in objs for p in k8s_schemas.errors(obj)]
+    problems = [p for obj in objs for p in k8s_schemas.errors(obj, release)]
     assert problems == []
 
 
+def test_trainer_v2_folder_has_what_trainer_2_1_accepts():
+    """Defect: manifests/trainer-v2 used runtimePatches, which Trainer v2.1.0 (Kubeflow 1.11.0) lacks."""
+    (tj,) = k8s_schemas.load_all((MANIFESTS / "trainer-v2" / "trainjob.yaml").read_text())
+    assert "podTemplateOverrides" in tj["spec"] and k8s_schemas.errors(tj, "1.11.0") == []
+    assert k8s_schemas.errors(o.trainjob("t", data_uri="s3://b/d", model_uri="s3://b/m", api="runtimePatches"),
+                              "1.11.0")  # the >= 2.2 API is refused by 1.11.0's CRD
+
+
 def test_secret_template_validates_and_holds_no_real_secret():
-    (secret,) = k8s_schemas.load_all((MANIFESTS / "base" / "s3-secret.template.yaml").read_text())
+    (secret,) = k8s_schemas.load_all((MANIFESTS / "common" / "s3-secret.template.yaml").read_text())
     k8s_schemas.validate(secret)
     assert all(v.startswith("REPLACE-WITH") for k, v in secret["stringData"].items() if k in o.S3_KEYS)
     assert secret["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] == "s3.amazonaws.com"
     # never applied by -k: it would overwrite real credentials
-    assert "s3-secret.template.yaml" not in (MANIFESTS / "base" / "kustomization.yaml").read_text()
+    assert "s3-secret.template.yaml" not in (MANIFESTS / "common" / "kustomization.yaml").read_text()
 
 
 @pytest.mark.parametrize("mutate, where", [
@@ -112,9 +127,9 @@ def test_misspellings_inside_katib_and_kserve_objects_fail():
     isvc["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
     assert "paht" in k8s_schemas.errors(isvc)[0]
     tj = o.trainjob("t", data_uri="s3://b/d", model_uri="s3://b/m")
-    k8s_schemas.validate(tj)
+    k8s_schemas.validate(tj, "1.11.0")
     tj["spec"]["trainer"]["numNode"] = 2
-    assert "numNode" in k8s_schemas.errors(tj)[0]
+    assert "numNode" in k8s_schemas.errors(tj, "1.11.0")[0]
 
 
 def test_experiment_is_the_pytorchjob_with_the_shared_search_space():
@@ -125,7 +140,7 @@ def test_experiment_is_the_pytorchjob_with_the_shared_search_space():
     assert spec["parameters"] == search_space.to_katib_parameters()
     assert spec["objective"]["objectiveMetricName"] == search_space.OBJECTIVE_METRIC == "val-accuracy"
     assert spec["objective"]["type"] == "maximize"
-    assert spec["algorithm"]["algorithmName"] in ("tpe", "bayesianoptimization")
+    assert spec["algorithm"]["algorithmName"] in o.ALGORITHMS
     assert spec["earlyStopping"]["algorithmName"] == "medianstop"
     assert spec["metricsCollectorSpec"]["collector"]["kind"] == "StdOut"
     tmpl = spec["trialTemplate"]
@@ -151,7 +166,7 @@ def test_experiment_is_the_pytorchjob_with_the_shared_search_space():
 def test_experiment_rejects_extra_args_that_katib_searches():
     with pytest.raises(ValueError, match="base-lr"):
         o.experiment("e", data_uri="s3://b/d", trials_uri="s3://b/t", extra_args=["--base-lr", "0.1"])
-    with pytest.raises(ValueError, match="Only tpe, bayesianoptimization"):
+    with pytest.raises(ValueError, match="Only tpe, random"):
         o.experiment("e", data_uri="s3://b/d", trials_uri="s3://b/t", algorithm="grid")
 
 
@@ -165,7 +180,7 @@ def test_pytorchjob_topology_and_policies():
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
     assert {"backoffLimit", "ttlSecondsAfterFinished"} <= set(spec["runPolicy"])
     for rs in spec["pytorchReplicaSpecs"].values():
-        assert rs["restartPolicy"] == "ExitCode"
+        assert rs["restartPolicy"] == "OnFailure"
         assert rs["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
         (c,) = rs["template"]["spec"]["containers"]
         assert c["name"] == "pytorch" and c["command"] == ["torchrun", "-m", "bincounter.train"]
@@ -180,18 +195,28 @@ def test_pytorchjob_topology_and_policies():
 
 def test_trainjob_is_the_same_training_on_trainer_v2():
     kw = dict(data_uri="s3://b/d", model_uri="s3://b/m", extra_args=["--epochs", "2"], workers=2, nproc_per_node=2)
-    tj, pj = o.trainjob("t", **kw), o.pytorchjob("t", **kw)
+    pj = o.pytorchjob("t", node_selector={"a": "b"}, **kw)
     pod = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     c = pod["spec"]["containers"][0]
-    trainer = tj["spec"]["trainer"]
-    assert tj["spec"]["runtimeRef"]["name"] == "torch-distributed"
-    assert (trainer["command"], trainer["args"], trainer["image"]) == (c["command"], c["args"], c["image"])
-    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 2)
-    assert trainer["resourcesPerNode"] == c["resources"]
+    for api in o.TRAINJOB_APIS:
+        tj = o.trainjob("t", api=api, node_selector={"a": "b"}, **kw)
+        trainer = tj["spec"]["trainer"]
+        assert tj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+        assert (trainer["command"], trainer["args"], trainer["image"]) == (c["command"], c["args"], c["image"])
+        assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 2)
+        assert trainer["resourcesPerNode"] == c["resources"]
+    # Trainer >= 2.2: the whole pod patch, security context included
+    tj = o.trainjob("t", api="runtimePatches", **kw)
     patched = tj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pod_patch = patched["template"]["spec"]["template"]
     assert patched["name"] == "node" and pod_patch["metadata"] == pod["metadata"]
     assert pod_patch["spec"]["securityContext"] == pod["spec"]["securityContext"]
+    # Trainer v2.1: what podTemplateOverrides can carry (no security context in that API)
+    tj = o.trainjob("t", api="podTemplateOverrides", node_selector={"a": "b"}, **kw)
+    (override,) = tj["spec"]["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}] and override["metadata"] == pod["metadata"]
+    assert override["spec"]["nodeSelector"] == {"a": "b"} and override["spec"]["volumes"] == pod["spec"]["volumes"]
+    assert override["spec"]["containers"] == [{"name": "node", "volumeMounts": c["volumeMounts"]}]
 
 
 @needs_kubectl
@@ -199,8 +224,10 @@ def test_every_pod_runs_non_root_with_requests_and_limits(rendered):
     for rel in KUSTOMIZATIONS:
         for obj in rendered[rel]:
             for where, spec, _ in pod_templates(obj):
-                assert spec["securityContext"]["runAsNonRoot"] is True, (rel, obj["kind"], where)
                 for c in spec["containers"]:
+                    # non-root on the pod, or on each container (a Serverless predictor: Knative
+                    # allows only the container securityContext)
+                    assert (spec.get("securityContext") or c["securityContext"])["runAsNonRoot"] is True, (rel, where)
                     assert c["securityContext"]["allowPrivilegeEscalation"] is False
                     assert set(c["resources"]) == {"requests", "limits"}
                     assert {"cpu", "memory"} <= set(c["resources"]["limits"])

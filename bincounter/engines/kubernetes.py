@@ -50,14 +50,18 @@ def train(data: str, output: str, train_args: Sequence[str] = (), *, workers: in
           deadline_s: float = 24 * 3600, cpu: str = "4", memory: str = "16Gi") -> TrainResult:
     """Run the training as a PyTorchJob (or TrainJob) with one process per GPU (one on CPU).
 
+    use_trainjob says which kind to prefer; when the cluster has only the other one (Kubeflow
+    1.11.0 installs Trainer v2 and no Training Operator) that one is used, with a log line.
     A retried step replaces the job of the same run; with ``--resume`` in train_args the
     new job continues from the last checkpoint in ``output``.
     """
     namespace = launchers.resolve_namespace(namespace)
     node_selector, tolerations = o.placement(spot, gpus_per_worker)
+    client = launchers.load_api_client()
+    kind = launchers.training_kind(launchers.Cluster(client), "TrainJob" if use_trainjob else "PyTorchJob")
     result = launchers.train(
-        object_name("train", run_id), namespace, data_uri=data, model_uri=output,
-        kind="TrainJob" if use_trainjob else "PyTorchJob", extra_args=list(train_args),
+        object_name("train", run_id), namespace, data_uri=data, model_uri=output, api_client=client,
+        kind=kind, extra_args=list(train_args),
         image=_image("trainer", image_tag), workers=workers, nproc_per_node=max(1, gpus_per_worker),
         gpus_per_worker=gpus_per_worker, cpu=cpu, memory=memory, node_selector=node_selector,
         tolerations=tolerations, labels=launchers.run_labels(run_id) if run_id else None,
@@ -99,9 +103,13 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
     return tuned
 
 
-def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", namespace: str = "", image_tag: str | None = None, min_replicas: int = 1,
-           max_replicas: int = 3, s3_secret: str = o.S3_SECRET, deadline_s: float = 1800) -> Deployment:
+def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", namespace: str = "",
+           image_tag: str | None = None, min_replicas: int = 1, max_replicas: int = 3,
+           s3_secret: str = o.S3_SECRET, deadline_s: float = 1800,
+           deployment_mode: str = "Serverless") -> Deployment:
     """Create or update the InferenceService ``model_name`` and wait until it serves the new model.
+
+    deployment_mode: ``Serverless`` (Knative, the releases' default) or ``RawDeployment``.
 
     ``s3_secret`` is found by KServe through the ``bincounter`` ServiceAccount (the manifests
     list it there); it is accepted for symmetry with train and tune and must match that Secret.
@@ -115,7 +123,8 @@ def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", 
     result = launchers.deploy(model_name, namespace, storage_uri=model_uri, model_name=model_name,
                               image=_image("server", image_tag), min_replicas=min_replicas,
                               max_replicas=max_replicas, labels=launchers.run_labels(run_id) if run_id else None,
-                              timeout_s=deadline_s, poll_s=POLL_S["deploy"], replace=True)
+                              timeout_s=deadline_s, poll_s=POLL_S["deploy"], replace=True,
+                              deployment_mode=deployment_mode)
     url = result["internal_url"] or result["url"]
     return Deployment(url=url, model_name=model_name, handle=f"{namespace}/{model_name}",
                       details={"external_url": result["url"], "internal_url": result["internal_url"],

@@ -75,6 +75,49 @@ class Cluster:
         self.api_client = api_client or load_api_client()
         self.custom = k8s.CustomObjectsApi(self.api_client)
         self.core = k8s.CoreV1Api(self.api_client)
+        self._resources: dict[tuple[str, str], set[str] | None] = {}
+
+    def _get_json(self, path: str) -> dict:
+        return self.api_client.call_api(path, "GET", header_params={"Accept": "application/json"},
+                                        response_type="object", auth_settings=["BearerToken"],
+                                        _return_http_data_only=True)
+
+    # -- API discovery: readable by every authenticated user (the system:discovery role)
+    def resources(self, group: str, version: str) -> set[str] | None:
+        """The resource names the API server serves under group/version, None when it serves none."""
+        if (group, version) not in self._resources:
+            try:
+                listed = self._get_json(f"/apis/{group}/{version}")
+                self._resources[(group, version)] = {r["name"] for r in listed.get("resources") or []}
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                self._resources[(group, version)] = None
+        return self._resources[(group, version)]
+
+    def installed(self, kind: str) -> bool:
+        g, v, p = o.CUSTOM_KINDS[kind]
+        return p in (self.resources(g, v) or set())
+
+    def trainjob_api(self) -> str | None:
+        """Which pod-customisation field the installed TrainJob CRD has ("podTemplateOverrides"
+        in Trainer v2.1, "runtimePatches" from 2.2), from the OpenAPI v3 document the API server
+        publishes for the CRD; None when it cannot tell."""
+        g, v, _ = o.CUSTOM_KINDS["TrainJob"]
+        try:
+            doc = self._get_json(f"/openapi/v3/apis/{g}/{v}")
+        except ApiException:
+            return None
+        for schema in ((doc.get("components") or {}).get("schemas") or {}).values():
+            gvks = schema.get("x-kubernetes-group-version-kind") or []
+            if any(x.get("kind") == "TrainJob" for x in gvks):
+                spec = ((schema.get("properties") or {}).get("spec") or {})
+                fields = set(spec.get("properties") or {})
+                if "$ref" in spec:  # the API server may publish spec as a reference to its own schema
+                    ref = doc["components"]["schemas"].get(spec["$ref"].rsplit("/", 1)[-1]) or {}
+                    fields = set(ref.get("properties") or {})
+                return next((api for api in reversed(o.TRAINJOB_APIS) if api in fields), None)
+        return None
 
     def _gvp(self, kind: str):
         return o.CUSTOM_KINDS[kind]
@@ -147,8 +190,10 @@ def failing_container(pod) -> tuple[str, bool] | None:
 
 
 def print_failing_pod_logs(cluster: Cluster, namespace: str, selector: str, log: Log,
-                           primary: str | None = None) -> str | None:
-    """Print the last log lines of the failing pod (else the first pod); return its name."""
+                           primary: str | None = None, container: str | None = None) -> str | None:
+    """Print the last log lines of the failing pod (else the first pod); return its name.
+    container: read this container of that pod instead of the failing one (a Katib trial's
+    output is in its metrics collector's log, not in the primary container's)."""
     try:
         pods = cluster.pods(namespace, selector)
     except ApiException as e:
@@ -159,7 +204,10 @@ def print_failing_pod_logs(cluster: Cluster, namespace: str, selector: str, log:
         return None
     failing = [(p, failing_container(p)) for p in pods]
     pod, found = next(((p, f) for p, f in failing if f), (pods[0], None))
-    container, previous = found or (primary or pod.spec.containers[0].name, False)
+    if container:
+        previous = False
+    else:
+        container, previous = found or (primary or pod.spec.containers[0].name, False)
     try:
         text = cluster.log(namespace, pod.metadata.name, container, previous)
     except ApiException as e:

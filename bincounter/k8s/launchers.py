@@ -76,22 +76,62 @@ def experiment_done(obj: Mapping) -> tuple[bool, str | None]:
 _ISVC_FINAL_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 
 
-def isvc_done(obj: Mapping, generation: int) -> tuple[bool, str | None]:
-    """Ready counts only once the controller has observed OUR generation: right after an
-    update the old revision's Ready=True is still there with the old observedGeneration."""
+def predictor_revisions(obj: Mapping | None) -> tuple[str | None, str | None]:
+    """(latestCreatedRevision, latestReadyRevision) of a Serverless predictor (KServe copies them
+    from the Knative Configuration: pkg/apis/serving/v1beta1/component_status.go)."""
+    pred = (((obj or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+    return pred.get("latestCreatedRevision"), pred.get("latestReadyRevision")
+
+
+def _isvc_failure(obj: Mapping) -> str | None:
     status = obj.get("status") or {}
-    if (status.get("observedGeneration") or 0) < generation:
-        return False, None
-    if is_true(obj, "Ready"):
-        return True, None
     transition = (status.get("modelStatus") or {}).get("transitionStatus")
     if transition in _ISVC_FINAL_TRANSITIONS:
         info = (status.get("modelStatus") or {}).get("lastFailureInfo") or {}
-        return True, f"model {transition}: {info.get('reason', '')} {info.get('message', '')}".strip()
+        return f"model {transition}: {info.get('reason', '')} {info.get('message', '')}".strip()
     for c in status.get("conditions") or []:
         if c.get("status") == "False" and c.get("reason") == "RevisionFailed":
-            return True, f"{c['type']}: {c.get('reason')}: {c.get('message', '')}"
-    return False, None
+            return f"{c['type']}: {c.get('reason')}: {c.get('message', '')}"
+    return None
+
+
+def isvc_done(obj: Mapping, old_revision: str | None = None, new_revision_expected: bool = True,
+              serverless: bool = True) -> tuple[bool, str | None]:
+    """Whether a Serverless rollout has finished: Ready, and the latest created revision is the
+    ready one (the revision that serves) and is not the revision from before our change.
+
+    NOT status.observedGeneration: KServe copies it from the Knative Service (or the
+    Deployment), whose generation is not the InferenceService's metadata.generation, so it
+    can claim an old Ready as ours. A change that leaves the pod template alone creates no
+    revision (new_revision_expected=False). RawDeployment (serverless=False) has no revisions:
+    Ready here, then the Deployment's rollout (deployment_rolled_out)."""
+    failure = _isvc_failure(obj)
+    if failure:
+        return True, failure
+    if not is_true(obj, "Ready"):
+        return False, None
+    if not serverless:
+        return True, None
+    created, ready = predictor_revisions(obj)
+    if not created or created != ready:
+        return False, None
+    return (not new_revision_expected or created != old_revision), None
+
+
+def deployment_rolled_out(dep: Mapping | None) -> tuple[bool, str | None]:
+    """`kubectl rollout status` for a Deployment: the controller saw the newest spec, every
+    replica runs it and is available, and no old replica is left."""
+    if not dep:
+        return False, None
+    spec, st = dep.get("spec") or {}, dep.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            return True, f"Deployment {dep['metadata']['name']}: {c.get('message', 'ProgressDeadlineExceeded')}"
+    want = spec.get("replicas", 1)
+    done = (st.get("observedGeneration", 0) >= dep["metadata"].get("generation", 1)
+            and st.get("updatedReplicas", 0) >= want and st.get("replicas", 0) == st.get("updatedReplicas", 0)
+            and st.get("availableReplicas", 0) >= st.get("updatedReplicas", 0))
+    return done, None
 
 
 def job_done(obj: Mapping) -> tuple[bool, str | None]:
@@ -111,6 +151,29 @@ def _gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
     return max(0.0, (parse(end) - parse(start)).total_seconds()) * gpus / 3600
 
 
+# ---------------------------------------------------------------- discovery
+
+def discover_trainjob_api(cluster: Cluster, log: Log = print_flush) -> str:
+    api = cluster.trainjob_api()
+    if api is None:
+        api = o.TRAINJOB_API_DEFAULT
+        log(f"could not read the TrainJob schema from the API server; assuming Trainer v2.1 ({api})")
+    return api
+
+
+def training_kind(cluster: Cluster, prefer: str = "PyTorchJob", log: Log = print_flush) -> str:
+    """prefer when its CRD is installed, else the other training kind (Kubeflow 1.11.0 installs
+    Trainer v2 and no Training Operator); LaunchError when neither is installed."""
+    other = "TrainJob" if prefer == "PyTorchJob" else "PyTorchJob"
+    for kind in (prefer, other):
+        if cluster.installed(kind):
+            if kind != prefer:
+                log(f"{prefer} is not installed on this cluster: using {kind}")
+            return kind
+    raise LaunchError("neither PyTorchJob (kubeflow.org/v1, Training Operator) nor TrainJob "
+                      "(trainer.kubeflow.org/v1alpha1, Trainer v2) is installed; run `bincounter k8s check`")
+
+
 # ---------------------------------------------------------------- the three launchers
 
 def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, model_uri: str,
@@ -121,8 +184,11 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
           service_account_name: str = o.WORKLOAD_SA, s3_secret_name: str = o.S3_SECRET,
           timeout_s: float = 24 * 3600, poll_s: float = 10.0, replace: bool = False,
           cleanup: str = "on-failure", report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
-          log: Log = print_flush) -> dict[str, Any]:
+          log: Log = print_flush, trainjob_api: str | None = None) -> dict[str, Any]:
     """Run ``bincounter.train`` as a PyTorchJob (Training Operator v1) or TrainJob (Trainer v2).
+
+    A TrainJob uses the pod-customisation API of the installed Trainer (trainjob_api, found
+    by discovery when None: podTemplateOverrides on v2.1, runtimePatches from v2.2).
 
     Returns {"model_uri", "kind", "name", "namespace", "seconds", "gpu_hours"}.
     Raises LaunchError when the job fails or misses the deadline (after printing the
@@ -130,13 +196,14 @@ def train(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, mod
     """
     if kind not in ("PyTorchJob", "TrainJob"):
         raise ValueError(f"Invalid kind {kind!r}. Only PyTorchJob and TrainJob are supported.")
+    cluster = Cluster(api_client)
+    extra = {"api": trainjob_api or discover_trainjob_api(cluster, log)} if kind == "TrainJob" else {}
     builder = o.pytorchjob if kind == "PyTorchJob" else o.trainjob
     obj = builder(name, namespace, data_uri=data_uri, model_uri=model_uri, extra_args=extra_args, image=image,
                   workers=workers, nproc_per_node=nproc_per_node,
                   resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
                   node_selector=node_selector, tolerations=tolerations, labels=labels,
-                  service_account_name=service_account_name, s3_secret_name=s3_secret_name)
-    cluster = Cluster(api_client)
+                  service_account_name=service_account_name, s3_secret_name=s3_secret_name, **extra)
     started = time.monotonic()
 
     def describe(cur):
@@ -210,21 +277,29 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
          labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
          s3_secret_name: str = o.S3_SECRET, timeout_s: float = 24 * 3600, poll_s: float = 15.0,
          replace: bool = False, cleanup: str = "on-failure", report_every_s: float = 60.0,
-         api_client: k8s.ApiClient | None = None, log: Log = print_flush) -> dict[str, Any]:
+         api_client: k8s.ApiClient | None = None, log: Log = print_flush,
+         trial_kind: str | None = None) -> dict[str, Any]:
     """Run the Katib Experiment to Succeeded and return the best trial.
+
+    Trials are PyTorchJobs, or TrainJobs where the Training Operator is not installed
+    (trial_kind None: found by API discovery; Katib >= 0.19 lists TrainJob in its trial
+    resources).
 
     Returns {"best_hyperparameters": {"lr": 0.0012, "batch-size": 32, ...} (typed as in
     bincounter.search_space), "best_metrics": {"val-accuracy": ...}, "best_trial",
     "best_model_uri" (trials_uri/<best trial>), "trials" ({"succeeded": n, ...}),
     "name", "namespace", "seconds", "gpu_hours"}.
     """
+    cluster = Cluster(api_client)
+    trial_kind = trial_kind or training_kind(cluster, "PyTorchJob", log)
+    trainjob_api = discover_trainjob_api(cluster, log) if trial_kind == "TrainJob" else o.TRAINJOB_API_DEFAULT
     obj = o.experiment(name, namespace, data_uri=data_uri, trials_uri=trials_uri, extra_args=extra_args,
                        image=image, workers=workers, nproc_per_node=nproc_per_node,
                        resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_worker),
                        node_selector=node_selector, tolerations=tolerations, algorithm=algorithm,
                        parallel_trials=parallel_trials, max_trials=max_trials, max_failed_trials=max_failed_trials,
-                       labels=labels, service_account_name=service_account_name, s3_secret_name=s3_secret_name)
-    cluster = Cluster(api_client)
+                       labels=labels, service_account_name=service_account_name, s3_secret_name=s3_secret_name,
+                       trial_kind=trial_kind, trainjob_api=trainjob_api)
     started = time.monotonic()
 
     def describe(cur):
@@ -238,15 +313,18 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
         return f"{_state(cur)} trials: {counts or 'none yet'}{tail}"
 
     def show_failed_trial():
-        # The experiment has no pods of its own: show the log of a failed trial's Master.
+        # The experiment has no pods of its own: show a failed trial's primary pod. Katib's StdOut
+        # collector redirects the training output into a file that its injected container prints,
+        # so the output is in that container's log (the trial's job is kept: retain=true).
         try:
             trials = cluster.list(TRIAL_GVP, namespace, f"katib.kubeflow.org/experiment={name}")
         except ApiException:
             return
-        failed = [t for t in trials if is_true(t, "Failed")]
+        failed = [t for t in trials if is_true(t, "Failed") or is_true(t, "MetricsUnavailable")]
         if failed:
             t = failed[-1]["metadata"]["name"]
-            print_failing_pod_logs(cluster, namespace, pod_selector("PyTorchJob", t), log, o.TRAIN_CONTAINER)
+            print_failing_pod_logs(cluster, namespace, pod_selector(trial_kind, t), log,
+                                   container=o.KATIB_COLLECTOR_CONTAINER)
 
     final = run_to_end(cluster, obj, done=experiment_done, describe=describe, timeout_s=timeout_s, poll_s=poll_s,
                        replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s,
@@ -275,13 +353,16 @@ def tune(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, data_uri: str, tria
 
 def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, storage_uri: str,
            model_name: str = o.MODEL_NAME, image: str | None = None, cpu: str = "1", memory: str = "2Gi", min_replicas: int = 1,
-           max_replicas: int = 3, scale_metric: str = "concurrency", scale_target: int = 8,
+           max_replicas: int = 3, scale_metric: str | None = None, scale_target: int = 8,
            node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
            labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
            timeout_s: float = 1800, poll_s: float = 5.0, replace: bool = True, cleanup: str = "on-failure",
            report_every_s: float = 60.0, api_client: k8s.ApiClient | None = None,
-           log: Log = print_flush) -> dict[str, Any]:
-    """Create or update the InferenceService and wait until it is Ready at its new generation.
+           log: Log = print_flush, deployment_mode: str = "Serverless") -> dict[str, Any]:
+    """Create or update the InferenceService and wait until its new model serves.
+
+    Serverless: Ready, with latestReadyRevision == latestCreatedRevision and that revision
+    new (see isvc_done). RawDeployment: Ready and the predictor Deployment rolled out.
 
     An existing InferenceService of the same name is UPDATED in place (replace=True,
     the default): KServe rolls out a new revision and keeps the old one serving until
@@ -295,8 +376,9 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
                               resources=o.Resources(cpu=cpu, memory=memory), min_replicas=min_replicas,
                               max_replicas=max_replicas, scale_metric=scale_metric, scale_target=scale_target,
                               node_selector=node_selector, tolerations=tolerations, labels=labels,
-                              service_account_name=service_account_name)
+                              service_account_name=service_account_name, deployment_mode=deployment_mode)
     cluster = Cluster(api_client)
+    serverless = deployment_mode == "Serverless"
     if cleanup not in CLEANUP_CHOICES:
         raise ValueError(f"Invalid cleanup {cleanup!r}. Only {', '.join(CLEANUP_CHOICES)} are supported.")
     existing = cluster.get("InferenceService", namespace, name)
@@ -315,17 +397,30 @@ def deploy(name: str = o.MODEL_NAME, namespace: str = o.DEFAULT_NAMESPACE, *, st
                                   f"{e.status} {e.reason}: {e.body}") from e
             log(f"updated InferenceService {namespace}/{name}")
         generation = int(current["metadata"].get("generation") or 1)
+        old_revision = predictor_revisions(existing)[0]
+        # An update that left the spec alone (same generation) rolls out no new revision.
+        new_revision = existing is None or generation > int(existing["metadata"].get("generation") or 1)
 
         def describe(cur):
-            st = cur.get("status") or {}
             ready = condition(cur, "Ready") or {}
             reason = f" ({ready['reason']})" if ready.get("reason") else ""
-            return (f"Ready={ready.get('status', 'Unknown')}{reason} observedGeneration="
-                    f"{st.get('observedGeneration', 0)}/{generation}")
+            created, ready_rev = predictor_revisions(cur)
+            revisions = f" revision created={created} ready={ready_rev}" if serverless else ""
+            return f"Ready={ready.get('status', 'Unknown')}{reason}{revisions}"
+
+        def done(cur):
+            return isvc_done(cur, old_revision, new_revision, serverless)
 
         try:
-            final = wait_for(cluster, obj, lambda cur: isvc_done(cur, generation), describe, deadline=deadline,
+            final = wait_for(cluster, obj, done, describe, deadline=deadline,
                           poll_s=poll_s, log=log, report_every_s=report_every_s)
+            if not serverless:
+                wait_for(cluster, {"kind": "Deployment", "metadata": {"namespace": namespace,
+                                                                      "name": f"{name}-predictor"}},
+                         deployment_rolled_out,
+                         lambda d: f"updated={(d.get('status') or {}).get('updatedReplicas', 0)} "
+                                   f"available={(d.get('status') or {}).get('availableReplicas', 0)}",
+                         deadline=deadline, poll_s=poll_s, log=log, report_every_s=report_every_s)
         except (LaunchError, TimeoutError) as e:
             print_failing_pod_logs(cluster, namespace, pod_selector("InferenceService", name), log,
                                    o.PREDICTOR_CONTAINER)

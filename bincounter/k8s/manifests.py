@@ -3,9 +3,19 @@
     python -m bincounter.k8s.manifests --write manifests   # regenerate
     python -m bincounter.k8s.manifests --check manifests   # exit 1 if the files drifted
 
-``manifests/base`` (and ``manifests/trainer-v2``, ``manifests/audit``) are OUTPUT of this module; edit
-``bincounter/k8s/objects.py`` or the parameters below, never the YAML. The
-overlays (cpu-smoke, gpu, kubeflow) are hand-written kustomize patches on top.
+``manifests/common``, ``manifests/base``, ``manifests/trainer-v2`` and
+``manifests/trainer-v2.2`` and ``manifests/audit`` are OUTPUT of this module; edit ``bincounter/k8s/objects.py`` or
+the parameters below, never the YAML. The overlays (cpu-smoke, gpu, kubeflow) are
+hand-written kustomize patches on top of ``base``.
+
+Which folder for which release (docs/kubernetes.md has the support matrix):
+- ``common``: namespace, RBAC, the InferenceService; part of each folder below.
+- ``base``: PyTorchJob and a Katib Experiment with PyTorchJob trials (Kubeflow 1.10.2,
+  Training Operator v1).
+- ``trainer-v2``: TrainJob (podTemplateOverrides) and TrainJob trials (Kubeflow 1.11.0,
+  Trainer v2.1.0).
+- ``trainer-v2.2``: the same with runtimePatches, for Trainer >= 2.2.
+- ``audit``: the bucket-scale audit's Indexed Job alone (apply after ``common``; any release).
 """
 
 from __future__ import annotations
@@ -40,8 +50,8 @@ def _image(role: str) -> str:
     return images.image(role, registry_=images.DEFAULT_REGISTRY, tag_=images.DEFAULT_TAG)
 
 
-def base_files() -> dict[str, list[dict]]:
-    """file name under manifests/base -> the objects it holds."""
+def common_files() -> dict[str, list[dict]]:
+    """file name under manifests/common -> the objects it holds."""
     ns = o.DEFAULT_NAMESPACE
     return {
         "namespace.yaml": [o.namespace(ns)],
@@ -50,23 +60,49 @@ def base_files() -> dict[str, list[dict]]:
         # A template, deliberately NOT in kustomization.yaml: `kubectl apply -k` must never
         # overwrite real credentials with placeholders. See docs/kubernetes.md.
         "s3-secret.template.yaml": [o.s3_secret(namespace=ns)],
-        "pytorchjob.yaml": [o.pytorchjob("bincounter-train", ns, data_uri=DATA_URI, model_uri=MODEL_URI,
-                                         extra_args=TRAIN_EXTRA_ARGS, image=_image("trainer"), workers=2,
-                                         nproc_per_node=1, resources=GPU_NODE)],
-        "experiment.yaml": [o.experiment("bincounter-tune", ns, data_uri=DATA_URI, trials_uri=TRIALS_URI,
-                                         extra_args=TUNE_EXTRA_ARGS, image=_image("trainer"), workers=1,
-                                         nproc_per_node=1, resources=GPU_NODE, parallel_trials=2,
-                                         max_trials=12, max_failed_trials=3)],
         "inferenceservice.yaml": [o.inference_service("bincounter", ns, storage_uri=MODEL_URI,
                                                       image=_image("server"))],
     }
 
 
-def trainer_v2_files() -> dict[str, list[dict]]:
-    ns = o.DEFAULT_NAMESPACE
-    return {"trainjob.yaml": [o.trainjob("bincounter-train", ns, data_uri=DATA_URI, model_uri=MODEL_URI,
-                                         extra_args=TRAIN_EXTRA_ARGS, image=_image("trainer"), workers=2,
-                                         nproc_per_node=1, resources=GPU_NODE)]}
+def _experiment(trial_kind: str, trainjob_api: str = o.TRAINJOB_API_DEFAULT) -> dict:
+    return o.experiment("bincounter-tune", o.DEFAULT_NAMESPACE, data_uri=DATA_URI, trials_uri=TRIALS_URI,
+                        extra_args=TUNE_EXTRA_ARGS, image=_image("trainer"), workers=1, nproc_per_node=1,
+                        resources=GPU_NODE, parallel_trials=2, max_trials=12, max_failed_trials=3,
+                        trial_kind=trial_kind, trainjob_api=trainjob_api)
+
+
+def base_files() -> dict[str, list[dict]]:
+    """file name under manifests/base -> the objects it holds (Training Operator v1)."""
+    return {
+        "pytorchjob.yaml": [o.pytorchjob("bincounter-train", o.DEFAULT_NAMESPACE, data_uri=DATA_URI,
+                                         model_uri=MODEL_URI, extra_args=TRAIN_EXTRA_ARGS, image=_image("trainer"),
+                                         workers=2, nproc_per_node=1, resources=GPU_NODE)],
+        "experiment.yaml": [_experiment("PyTorchJob")],
+    }
+
+
+def trainer_v2_files(api: str = o.TRAINJOB_API_DEFAULT) -> dict[str, list[dict]]:
+    return {"trainjob.yaml": [o.trainjob("bincounter-train", o.DEFAULT_NAMESPACE, data_uri=DATA_URI,
+                                         model_uri=MODEL_URI, extra_args=TRAIN_EXTRA_ARGS, image=_image("trainer"),
+                                         workers=2, nproc_per_node=1, resources=GPU_NODE, api=api)],
+            "experiment.yaml": [_experiment("TrainJob", api)]}
+
+
+# folder under manifests/ -> (files, what the kustomization says it is)
+def folders() -> dict[str, tuple[dict[str, list[dict]], str]]:
+    return {
+        "common": (common_files(), "# Namespace, RBAC and the InferenceService: part of base, trainer-v2 and trainer-v2.2.\n"),
+        "base": (base_files(), "# Kubeflow 1.10.2 (Training Operator v1): the common objects, the PyTorchJob and the Katib "
+                               "Experiment with PyTorchJob trials.\n"),
+        "trainer-v2": (trainer_v2_files("podTemplateOverrides"),
+                       "# Kubeflow 1.11.0 (Trainer v2.1.0, podTemplateOverrides): the common objects, the TrainJob and the "
+                       "Katib Experiment with TrainJob trials.\n"),
+        "trainer-v2.2": (trainer_v2_files("runtimePatches"),
+                         "# Trainer >= 2.2 (runtimePatches): as trainer-v2, for clusters with a newer Trainer.\n"),
+        "audit": (audit_files(), "# The bucket-scale audit as an Indexed Job, alone: apply it after common (it needs the\n"
+                                 "# namespace, ServiceAccount and S3 Secret); merge with `bincounter audit --merge-only`.\n"),
+    }
 
 
 AUDIT_SOURCE = "s3://aft-vbi-pds"  # the whole public ABID bucket
@@ -75,9 +111,9 @@ AUDIT_PARTS = 16
 
 
 def audit_files() -> dict[str, list[dict]]:
-    ns = o.DEFAULT_NAMESPACE
-    return {"audit-job.yaml": [o.audit_job("bincounter-audit", ns, model_uri=MODEL_URI, source=AUDIT_SOURCE,
-                                           output_uri=AUDIT_URI, parts=AUDIT_PARTS, image=_image("trainer"))]}
+    return {"audit-job.yaml": [o.audit_job("bincounter-audit", o.DEFAULT_NAMESPACE, model_uri=MODEL_URI,
+                                           source=AUDIT_SOURCE, output_uri=AUDIT_URI, parts=AUDIT_PARTS,
+                                           image=_image("trainer"))]}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -97,23 +133,12 @@ def _kustomization(resources: list[str], comment: str) -> str:
 def render() -> dict[str, str]:
     """relative path under manifests/ -> file text."""
     out: dict[str, str] = {}
-    base = base_files()
-    for name, objs in base.items():
-        out[f"base/{name}"] = _dump(objs)
-    out["base/kustomization.yaml"] = _kustomization(
-        [n for n in base if not n.endswith(".template.yaml")],
-        "# Common objects, the PyTorchJob (Training Operator v1), the Katib Experiment and the InferenceService.\n")
-    v2 = trainer_v2_files()
-    for name, objs in v2.items():
-        out[f"trainer-v2/{name}"] = _dump(objs)
-    out["trainer-v2/kustomization.yaml"] = _kustomization(
-        list(v2), "# The same training as a TrainJob, for Kubeflow Trainer v2 clusters (apply after base's common objects).\n")
-    audit = audit_files()
-    for name, objs in audit.items():
-        out[f"audit/{name}"] = _dump(objs)
-    out["audit/kustomization.yaml"] = _kustomization(
-        list(audit), "# The bucket-scale audit as an Indexed Job (apply after base's common objects; merge with\n"
-                     "# `bincounter audit --merge-only`, see docs/audit.md).\n")
+    for folder, (files, comment) in folders().items():
+        for name, objs in files.items():
+            out[f"{folder}/{name}"] = _dump(objs)
+        resources = [n for n in files if not n.endswith(".template.yaml")]
+        out[f"{folder}/kustomization.yaml"] = _kustomization(
+            resources if folder in ("common", "audit") else ["../common", *resources], comment)
     return out
 
 

@@ -19,11 +19,14 @@ from typing import Any, Mapping, Sequence
 from bincounter import images, search_space
 
 # kind -> (group, version, plural) of the custom resources the launchers manage.
+# Supported: Kubeflow 1.10.2 (Training Operator v1.9.2, Katib v0.18.0, KServe v0.15.0) and 1.11.0
+# (Trainer v2.1.0, Katib v0.19.0, KServe v0.15.2); docs/kubernetes.md has the support matrix.
 CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),            # Training Operator v1.9
-    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),  # Kubeflow Trainer v2.3
-    "Experiment": ("kubeflow.org", "v1beta1", "experiments"),       # Katib v0.19
-    "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),  # KServe v0.20
+    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),  # Kubeflow Trainer v2.1 and >= 2.2
+    "Experiment": ("kubeflow.org", "v1beta1", "experiments"),       # Katib v0.18, v0.19
+    "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),  # KServe v0.15
+    "Deployment": ("apps", "v1", "deployments"),                    # a RawDeployment predictor's rollout
     # Not custom, but the same REST shape (/apis/batch/v1/namespaces/NS/jobs), so the same client calls work.
     "Job": ("batch", "v1", "jobs"),                                  # the audit's Indexed Job
 }
@@ -48,6 +51,28 @@ PART_OF = {"app.kubernetes.io/part-of": "bincounter"}
 # A pipeline run labels everything it creates with its run id, so its exit handler can
 # find and delete what a failed or cancelled run left behind (launchers.cleanup_run).
 RUN_LABEL = "app.kubernetes.io/instance"
+# Katib's pod webhook injects the metrics collector only into namespaces with this label
+# (katib manifests components/webhook/webhooks.yaml namespaceSelector); Kubeflow profile
+# namespaces have it, a namespace of our own needs it or every trial ends MetricsUnavailable.
+KATIB_INJECTION_LABEL = {"katib.kubeflow.org/metrics-collector-injection": "enabled"}
+# Katib's StdOut collector wraps the primary container's command to write into a file and
+# prints it from this injected container: a trial's training output is in ITS log.
+KATIB_COLLECTOR_CONTAINER = "metrics-logger-and-collector"
+# TrainJob APIs: Trainer v2.1.0 (Kubeflow 1.11.0) has podTemplateOverrides; runtimePatches
+# replaces it from v2.2. The launcher picks one by reading the installed CRD (discovery).
+TRAINJOB_APIS = ("podTemplateOverrides", "runtimePatches")
+TRAINJOB_API_DEFAULT = "podTemplateOverrides"
+# KServe deployment modes: Serverless (Knative, the default of both releases) or RawDeployment
+# (a plain Deployment + HPA: the only mode where the predictor may set pod placement).
+DEPLOYMENT_MODES = ("Serverless", "RawDeployment")
+KSERVE_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+# What Knative Serving 1.16 (both releases, default config-features) refuses in a Serverless
+# predictor's PodSpec (knative/serving pkg/apis/serving/fieldmask.go PodSpecMask), with the
+# config-features flag that would allow each; the container securityContext stays allowed.
+KNATIVE_GATED_FIELDS = {"securityContext": "kubernetes.podspec-securitycontext",
+                        "nodeSelector": "kubernetes.podspec-nodeselector",
+                        "tolerations": "kubernetes.podspec-tolerations",
+                        "affinity": "kubernetes.podspec-affinity"}
 
 # Spot GPU nodes, as Karpenter and the NVIDIA GPU operator label and taint them (the gpu
 # overlay uses the same values; tests/test_k8s_manifests.py checks they agree).
@@ -145,7 +170,9 @@ def _s3_env(secret: str) -> list[dict]:
 # ---------------------------------------------------------------- common objects
 
 def namespace(name: str = DEFAULT_NAMESPACE) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, None, "common")}
+    """bincounter's own namespace (Kubeflow users run in their profile namespace instead);
+    labelled for Katib's metrics-collector injection, as profile namespaces are."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, None, "common", KATIB_INJECTION_LABEL)}
 
 
 def service_account(name: str = WORKLOAD_SA, namespace: str = DEFAULT_NAMESPACE, *,
@@ -164,10 +191,12 @@ def launcher_service_account(name: str = LAUNCHER_SA, namespace: str = DEFAULT_N
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, namespace, "common")}
 
 
-# Exactly what bincounter.k8s.launchers calls: create/get/delete of the objects it
-# manages (replace of an InferenceService is a PUT = update), list of jobs by run label
-# (cleanup_run), pods and their logs for the failure report, Katib trials for the
-# result. No watch, no patch, no secrets.
+# Exactly what bincounter.k8s.launchers and the preflight (bincounter.k8s.check) call:
+# create/get/delete of the objects it manages (replace of an InferenceService is a PUT =
+# update), list of jobs by run label (cleanup_run), pods and their logs for the failure
+# report, Katib trials for the result, a RawDeployment predictor's Deployment for its
+# rollout, and get of the S3 Secret and the workload ServiceAccount by name (the preflight
+# checks they exist; it reads the Secret's key names only). No watch, no patch.
 ROLE_RULES: list[dict] = [
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "experiments"],
      "verbs": ["create", "get", "list", "delete"]},
@@ -176,8 +205,11 @@ ROLE_RULES: list[dict] = [
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["create", "get", "update", "delete"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": [S3_SECRET]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"], "resourceNames": [WORKLOAD_SA]},
 ]
 
 
@@ -259,6 +291,9 @@ def _train_pod_template(*, image: str, args: list[str], resources: Resources, se
     return {"metadata": {"labels": {**PART_OF, **ISTIO_NO_SIDECAR}}, "spec": spec}
 
 
+RESTART_POLICY = "OnFailure"
+
+
 def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, data_uri: str, model_uri: str,
                extra_args: Sequence[str] = (), image: str | None = None, workers: int = 1,
                nproc_per_node: int = 1, resources: Resources = Resources(),
@@ -273,10 +308,13 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
     Master alone, workers=4 a Master and 3 Workers. Each runs nproc_per_node
     processes (one per GPU when resources.gpus > 0).
 
-    restartPolicy ExitCode restarts a pod only for exit codes 128+ (killed by a
-    signal: a reclaimed spot node, OOM kill), not for a bug; cleanPodPolicy
-    Running frees GPUs when the job ends but keeps finished pods, whose logs the
-    launcher prints on failure; the TTL then deletes the job and its pods.
+    restartPolicy OnFailure, bounded by backoffLimit: a lost node or peer makes torchrun
+    exit 1 (and a SIGTERMed torchrun exits 1 too), which ExitCode would NOT restart (the
+    Training Operator restarts ExitCode pods only for codes >= 128, pkg/controller.v1/common/
+    pod.go), so one spot reclaim would fail the whole job; the trainer resumes from its
+    checkpoint (--resume), so a restart costs at most an epoch. cleanPodPolicy Running frees
+    GPUs when the job ends but keeps finished pods, whose logs the launcher prints on
+    failure; the TTL then deletes the job and its pods.
     """
     if workers < 1 or nproc_per_node < 1:
         raise ValueError(f"workers and nproc_per_node must be >= 1, got {workers} and {nproc_per_node}")
@@ -284,9 +322,10 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
         image=image or images.image("trainer"), args=train_args(data_uri, model_uri, extra_args),
         resources=resources, service_account_name=service_account_name, s3_secret_name=s3_secret_name,
         node_selector=node_selector, tolerations=tolerations, shm_size=shm_size)
-    replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": RESTART_POLICY, "template": template}}
     if workers > 1:
-        replicas["Worker"] = {"replicas": workers - 1, "restartPolicy": "ExitCode", "template": copy.deepcopy(template)}
+        replicas["Worker"] = {"replicas": workers - 1, "restartPolicy": RESTART_POLICY,
+                              "template": copy.deepcopy(template)}
     run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": backoff_limit,
                                   "ttlSecondsAfterFinished": ttl_seconds_after_finished}
     if active_deadline_seconds:
@@ -298,33 +337,40 @@ def pytorchjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, d
     }
 
 
-def trainjob(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, model_uri: str,
+def trainjob(name: str | None, namespace: str | None = DEFAULT_NAMESPACE, *, data_uri: str, model_uri: str,
              extra_args: Sequence[str] = (), image: str | None = None, workers: int = 1,
              nproc_per_node: int = 1, resources: Resources = Resources(),
              node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
              service_account_name: str = WORKLOAD_SA, s3_secret_name: str = S3_SECRET,
              runtime: str = TRAINJOB_RUNTIME, active_deadline_seconds: int | None = None,
-             shm_size: str = "2Gi", labels: Mapping[str, str] | None = None) -> dict:
+             shm_size: str = "2Gi", labels: Mapping[str, str] | None = None,
+             api: str = TRAINJOB_API_DEFAULT) -> dict:
     """The same training for Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob).
 
     It references the ``torch-distributed`` ClusterTrainingRuntime that Trainer v2
     installs (a JobSet with one replicated job "node"; the torch plugin sets PET_*),
-    overrides its image, command and resources, and patches the pod template
-    (runtimePatches, Trainer v2.3 API) with the same security context, service
-    account, volumes, node selector, tolerations and Istio label as the PyTorchJob.
-    Trainer v2 has no restart or TTL policy on the TrainJob; retries come from
-    the runtime's JobSet failure policy.
+    overrides its image, command and resources, and customises the runtime's pod with
+    the API the installed Trainer has (``api``):
+
+    - ``podTemplateOverrides`` (Trainer v2.1.0, Kubeflow 1.11.0): service account, volumes,
+      node selector, tolerations, the Istio label and the container's volume mounts. v2.1
+      cannot set a securityContext or activeDeadlineSeconds: the pods run as the image's
+      non-root USER, and the launcher enforces the deadline itself.
+    - ``runtimePatches`` (Trainer >= 2.2): all of the above plus the pod and container
+      security contexts, as on the PyTorchJob; activeDeadlineSeconds when given.
+
+    Trainer v2 has no restart or TTL policy on the TrainJob; retries come from the
+    runtime's JobSet failure policy.
     """
     if workers < 1 or nproc_per_node < 1:
         raise ValueError(f"workers and nproc_per_node must be >= 1, got {workers} and {nproc_per_node}")
+    if api not in TRAINJOB_APIS:
+        raise ValueError(f"Invalid TrainJob api {api!r}. Only {', '.join(TRAINJOB_APIS)} are supported.")
     pod = _train_pod_template(
         image=image or images.image("trainer"), args=[], resources=resources,
         service_account_name=service_account_name, s3_secret_name=s3_secret_name,
         node_selector=node_selector, tolerations=tolerations, shm_size=shm_size)
     container = pod["spec"]["containers"][0]
-    pod_patch = {k: v for k, v in pod["spec"].items() if k not in ("containers", "automountServiceAccountToken")}
-    pod_patch["containers"] = [{"name": TRAINJOB_STEP, "securityContext": container["securityContext"],
-                                "volumeMounts": container["volumeMounts"]}]
     spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": runtime},
         "trainer": {
@@ -332,12 +378,23 @@ def trainjob(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, mo
             "args": train_args(data_uri, model_uri, extra_args), "env": container["env"],
             "numNodes": workers, "numProcPerNode": nproc_per_node, "resourcesPerNode": resources.to_k8s(),
         },
-        "runtimePatches": [{"manager": "bincounter", "trainingRuntimeSpec": {"template": {"spec": {
-            "replicatedJobs": [{"name": TRAINJOB_STEP, "template": {"spec": {"template": {
-                "metadata": pod["metadata"], "spec": pod_patch}}}}]}}}}],
     }
-    if active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = active_deadline_seconds
+    if api == "podTemplateOverrides":
+        # The PodTemplateOverride fields of Trainer v2.1.0 (its CRD): no securityContext.
+        override = {k: v for k, v in pod["spec"].items()
+                    if k in ("serviceAccountName", "nodeSelector", "tolerations", "volumes")}
+        override["containers"] = [{"name": TRAINJOB_STEP, "volumeMounts": container["volumeMounts"]}]
+        spec["podTemplateOverrides"] = [{"targetJobs": [{"name": TRAINJOB_STEP}],
+                                         "metadata": pod["metadata"], "spec": override}]
+    else:
+        pod_patch = {k: v for k, v in pod["spec"].items() if k not in ("containers", "automountServiceAccountToken")}
+        pod_patch["containers"] = [{"name": TRAINJOB_STEP, "securityContext": container["securityContext"],
+                                    "volumeMounts": container["volumeMounts"]}]
+        spec["runtimePatches"] = [{"manager": "bincounter", "trainingRuntimeSpec": {"template": {"spec": {
+            "replicatedJobs": [{"name": TRAINJOB_STEP, "template": {"spec": {"template": {
+                "metadata": pod["metadata"], "spec": pod_patch}}}}]}}}}]
+        if active_deadline_seconds:
+            spec["activeDeadlineSeconds"] = active_deadline_seconds
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
             "metadata": _meta(name, namespace, "train", labels), "spec": spec}
 
@@ -347,9 +404,24 @@ def trainjob(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, mo
 # GJSON conditions for a PyTorchJob trial (Katib's examples/v1beta1/kubeflow-training-operator).
 PYTORCHJOB_SUCCESS = 'status.conditions.#(type=="Succeeded")#|#(status=="True")#'
 PYTORCHJOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+# A TrainJob trial (Katib v0.19 lists TrainJob.v1alpha1.trainer.kubeflow.org in katib-config's
+# trialResources in Kubeflow 1.11.0): TrainJob conditions Complete / Failed.
+TRAINJOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
+TRAINJOB_FAILURE = PYTORCHJOB_FAILURE
+# The trial's primary pod (its metrics are collected from there): the PyTorchJob's Master, or the
+# TrainJob's first node (JobSet's replicated-job label and the Indexed Job's completion index).
+PRIMARY_POD_LABELS = {
+    "PyTorchJob": {"training.kubeflow.org/replica-type": "master"},
+    "TrainJob": {"jobset.sigs.k8s.io/replicatedjob-name": TRAINJOB_STEP, "batch.kubernetes.io/job-completion-index": "0"},
+}
+TRIAL_KINDS = tuple(PRIMARY_POD_LABELS)
 # Katib's default StdOut filter, spelled out: "name=value" pairs, e.g. "val-accuracy=0.55".
 METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
-ALGORITHMS = ("tpe", "bayesianoptimization")
+# Katib suggestion algorithms that take the search space as given (hyperopt). Not
+# bayesianoptimization: Katib's skopt service log-transforms double parameters
+# (pkg/suggestion/v1beta1/skopt/base_service.py), so a double whose min is 0 (dropout) becomes
+# log(0) = -inf and its suggestions NaN; search_space.check_algorithm says so.
+ALGORITHMS = ("tpe", "random")
 
 
 def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, trials_uri: str,
@@ -360,17 +432,23 @@ def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, 
                algorithm: str = "tpe", parallel_trials: int = 2, max_trials: int = 12, max_failed_trials: int = 3,
                space: Sequence[search_space.Param] = search_space.SEARCH_SPACE,
                early_stopping_min_trials: int = 3, early_stopping_start_step: int = 2,
-               trial_deadline_seconds: int | None = None, labels: Mapping[str, str] | None = None) -> dict:
-    """The Katib Experiment (kubeflow.org/v1beta1): each trial is ``pytorchjob(...)``
-    with the searched flags filled in by Katib and its model written under
-    ``trials_uri/<trial name>``.
+               trial_deadline_seconds: int | None = None, labels: Mapping[str, str] | None = None,
+               trial_kind: str = "PyTorchJob", trainjob_api: str = TRAINJOB_API_DEFAULT) -> dict:
+    """The Katib Experiment (kubeflow.org/v1beta1): each trial is ``pytorchjob(...)`` (or
+    ``trainjob(...)`` with trial_kind="TrainJob", where the Training Operator is not installed,
+    as in Kubeflow 1.11.0) with the searched flags filled in by Katib and its model written
+    under ``trials_uri/<trial name>``. ``retain`` keeps a finished trial's job (its TTL still
+    deletes it) so the launcher can print a failed trial's log.
 
     The search space comes from ``bincounter.search_space``; the objective is its
     OBJECTIVE_METRIC, read from the Master's stdout; median-stop early stopping
     ends trials whose val-accuracy trails the median of finished trials.
     """
+    search_space.check_algorithm(algorithm, space)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"Invalid algorithm {algorithm!r}. Only {', '.join(ALGORITHMS)} are supported.")
+    if trial_kind not in TRIAL_KINDS:
+        raise ValueError(f"Invalid trial_kind {trial_kind!r}. Only {', '.join(TRIAL_KINDS)} are supported.")
     if not 1 <= parallel_trials <= max_trials:
         raise ValueError(f"Need 1 <= parallel_trials <= max_trials, got {parallel_trials} and {max_trials}")
     searched = [p.name for p in space]
@@ -380,12 +458,17 @@ def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, 
     placeholders = []
     for n in searched:
         placeholders += ["--" + n, "${trialParameters.%s}" % _trial_param(n)]
-    trial_job = pytorchjob(
-        None, None, data_uri=data_uri, model_uri=trials_uri.rstrip("/") + "/${trialParameters.trialName}",
-        extra_args=[*extra_args, *placeholders], image=image, workers=workers, nproc_per_node=nproc_per_node,
-        resources=resources, node_selector=node_selector, tolerations=tolerations,
-        service_account_name=service_account_name, s3_secret_name=s3_secret_name,
-        backoff_limit=0, active_deadline_seconds=trial_deadline_seconds)
+    job_args = dict(data_uri=data_uri, model_uri=trials_uri.rstrip("/") + "/${trialParameters.trialName}",
+                    extra_args=[*extra_args, *placeholders], image=image, workers=workers,
+                    nproc_per_node=nproc_per_node, resources=resources, node_selector=node_selector,
+                    tolerations=tolerations, service_account_name=service_account_name,
+                    s3_secret_name=s3_secret_name, active_deadline_seconds=trial_deadline_seconds)
+    if trial_kind == "PyTorchJob":
+        trial_job = pytorchjob(None, None, backoff_limit=0, **job_args)
+        primary, success, failure = TRAIN_CONTAINER, PYTORCHJOB_SUCCESS, PYTORCHJOB_FAILURE
+    else:
+        trial_job = trainjob(None, None, api=trainjob_api, **job_args)
+        primary, success, failure = TRAINJOB_STEP, TRAINJOB_SUCCESS, TRAINJOB_FAILURE
     del trial_job["metadata"]  # Katib names each trial's job after the trial
     trial_parameters = [{"name": _trial_param(n), "description": f"{n} (searched)", "reference": n}
                         for n in searched]
@@ -411,11 +494,11 @@ def experiment(name: str, namespace: str = DEFAULT_NAMESPACE, *, data_uri: str, 
             "metricsCollectorSpec": {"collector": {"kind": "StdOut"},
                                      "source": {"filter": {"metricsFormat": [METRICS_FORMAT]}}},
             "trialTemplate": {
-                "primaryContainerName": TRAIN_CONTAINER,
-                "primaryPodLabels": {"training.kubeflow.org/replica-type": "master"},
-                "successCondition": PYTORCHJOB_SUCCESS,
-                "failureCondition": PYTORCHJOB_FAILURE,
-                "retain": False,
+                "primaryContainerName": primary,
+                "primaryPodLabels": dict(PRIMARY_POD_LABELS[trial_kind]),
+                "successCondition": success,
+                "failureCondition": failure,
+                "retain": True,
                 "trialParameters": trial_parameters,
                 "trialSpec": trial_job,
             },
@@ -433,23 +516,50 @@ def _trial_param(name: str) -> str:
 def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE, *, storage_uri: str,
                       image: str | None = None, model_name: str = MODEL_NAME,
                       resources: Resources = Resources(cpu="1", memory="2Gi"),
-                      min_replicas: int = 1, max_replicas: int = 3, scale_metric: str = "concurrency",
+                      min_replicas: int = 1, max_replicas: int = 3, scale_metric: str | None = None,
                       scale_target: int = 8, service_account_name: str = WORKLOAD_SA,
                       node_selector: Mapping[str, str] | None = None,
                       tolerations: Sequence[Mapping] | None = None,
-                      labels: Mapping[str, str] | None = None) -> dict:
+                      labels: Mapping[str, str] | None = None,
+                      deployment_mode: str = "Serverless") -> dict:
     """The InferenceService (serving.kserve.io/v1beta1) with the custom predictor.
 
     STORAGE_URI on the ``kserve-container`` makes KServe's storage initializer
     download the model folder into /mnt/models with the S3 Secret found through
     the ServiceAccount. Readiness is the V1 model endpoint (ready only once the
     model has loaded), liveness the V2 server-live endpoint.
+
+    deployment_mode "Serverless" (Knative; both releases' default) keeps the predictor's
+    PodSpec within what Knative 1.16 accepts with its default flags: no pod-level
+    securityContext, nodeSelector, tolerations or affinity (the container securityContext,
+    non-root included, stays). "RawDeployment" (a Deployment and an HPA scaling on cpu or
+    memory, no scale to zero) may place the predictor on GPU nodes and sets the pod
+    securityContext too. docs/kubernetes.md lists the Knative flags that would allow
+    placement under Serverless instead.
     """
-    if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
-        raise ValueError(f"Need 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {min_replicas}, {max_replicas}")
-    if scale_metric not in ("cpu", "memory", "concurrency", "rps"):
-        raise ValueError(f"Invalid scale_metric {scale_metric!r}. Only cpu, memory, concurrency and rps are supported.")
+    if deployment_mode not in DEPLOYMENT_MODES:
+        raise ValueError(f"Invalid deployment_mode {deployment_mode!r}. Only {', '.join(DEPLOYMENT_MODES)} are supported.")
+    raw = deployment_mode == "RawDeployment"
+    scale_metric = scale_metric or ("cpu" if raw else "concurrency")
+    if not (1 if raw else 0) <= min_replicas <= max_replicas or max_replicas < 1:
+        raise ValueError(f"Need {'1' if raw else '0'} <= min_replicas <= max_replicas ({deployment_mode}), "
+                         f"max_replicas >= 1; got {min_replicas}, {max_replicas}")
+    allowed_metrics = ("cpu", "memory") if raw else ("cpu", "memory", "concurrency", "rps")
+    if scale_metric not in allowed_metrics:
+        raise ValueError(f"Invalid scale_metric {scale_metric!r} for {deployment_mode}. "
+                         f"Only {', '.join(allowed_metrics)} are supported.")
+    if not raw and (node_selector or tolerations):
+        raise ValueError("Knative (deployment_mode Serverless) rejects a predictor with nodeSelector or "
+                         "tolerations under Kubeflow's default config-features; use deployment_mode "
+                         "RawDeployment to place the predictor (e.g. on GPU nodes), or see docs/kubernetes.md "
+                         "for the Knative flags to enable.")
     volumes, mounts = _scratch_volumes(None)
+    # Knative allows the container securityContext (capabilities, readOnlyRootFilesystem,
+    # runAsUser/Group, runAsNonRoot, allowPrivilegeEscalation, seccompProfile): the non-root
+    # identity and seccomp go there, so both modes run the same hardened container.
+    pod_sc = pod_security_context()
+    container_sc = {**container_security_context(), "runAsUser": RUN_AS_UID, "runAsGroup": RUN_AS_UID,
+                    "seccompProfile": pod_sc["seccompProfile"]}
     container = {
         "name": PREDICTOR_CONTAINER, "image": image or images.image("server"), "imagePullPolicy": "IfNotPresent",
         # The server image's ENTRYPOINT is `tini -- bincounter serve`; only its flags are set here.
@@ -457,7 +567,7 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         "env": [{"name": "STORAGE_URI", "value": storage_uri}] + _base_env(),
         "ports": [{"containerPort": SERVER_PORT, "protocol": "TCP"}],
         "resources": resources.to_k8s(),
-        "securityContext": container_security_context(),
+        "securityContext": container_sc,
         "readinessProbe": {"httpGet": {"path": f"/v1/models/{model_name}", "port": SERVER_PORT},
                            "initialDelaySeconds": 5, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": SERVER_PORT},
@@ -469,14 +579,17 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         "automountServiceAccountToken": False,  # S3 credentials come from the Secret, not the API
         "minReplicas": min_replicas, "maxReplicas": max_replicas,
         "scaleMetric": scale_metric, "scaleTarget": scale_target,
-        "securityContext": pod_security_context(),
         "containers": [container], "volumes": volumes,
     }
-    if node_selector:
-        predictor["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        predictor["tolerations"] = [dict(t) for t in tolerations]
+    if raw:
+        predictor["securityContext"] = pod_sc  # fsGroup: the storage initializer's files are readable
+        if node_selector:
+            predictor["nodeSelector"] = dict(node_selector)
+        if tolerations:
+            predictor["tolerations"] = [dict(t) for t in tolerations]
     meta = _meta(name, namespace, "serve", labels)
+    if raw:
+        meta["annotations"] = {KSERVE_MODE_ANNOTATION: deployment_mode}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}
 
