@@ -3,15 +3,14 @@
 Two parts, printed as Markdown (docs/benchmarks/serving.md holds a run):
 
 1. runtimes: the bare forward pass (no decoding) with eager PyTorch, TorchScript
-   (trace + freeze) and, with ``--compile``, torch.compile; batch 1 and 8, interleaved
+   (trace + freeze), ONNX Runtime and, with ``--compile``, torch.compile; batch 1 and 8, interleaved
    so background load hits every runtime alike.
-2. server: ``bincounter serve`` as a subprocess, one real ABID JPEG per request, at each
-   ``--concurrency``: p50/p99 latency and throughput, next to the bare ``Counter.predict``
-   (decode + transform + forward, no HTTP) for the same image. At concurrency 1 bare calls and
-   server requests alternate; the overhead ratio is server p50 / bare p50 there, and bare
-   throughput / server throughput above it.
+2. servers: ``bincounter serve`` as subprocesses, one per ``--servers`` configuration (runtime,
+   and cross-request batching), all up at once; one real ABID JPEG per request, at each
+   ``--concurrency``, in interleaved blocks: p50/p99 latency and throughput, with ratios against
+   the first configuration (the baseline: TorchScript unbatched, the server before ONNX Runtime).
 
-    python benchmarks/bench_serving.py --torch-threads 1 --compile   # docs/benchmarks/serving.md
+    python benchmarks/bench_serving.py --torch-threads 1   # docs/benchmarks/serving.md
 """
 
 from __future__ import annotations
@@ -73,20 +72,6 @@ def bench_runtimes(model_dir: str, input_size: int, repeats: int, with_compile: 
     return lines
 
 
-def time_paired(counter: Counter, url: str, body: dict, image: bytes, requests: int) -> tuple[list, list, int]:
-    """Concurrency 1: a bare call and a server request alternate, so both see the same load."""
-    bare, served, errors = [], [], 0
-    with httpx.Client(base_url=url, timeout=300) as client:
-        for _ in range(requests):
-            t = time.perf_counter()
-            counter.predict([image])
-            bare.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            errors += client.post("/v1/models/bincounter:predict", json=body).status_code != 200
-            served.append(time.perf_counter() - t)
-    return bare, served, errors
-
-
 async def time_server(url: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
     latencies: list[float] = []
     errors = 0
@@ -105,48 +90,48 @@ async def time_server(url: str, body: dict, concurrency: int, requests: int) -> 
         return latencies, time.perf_counter() - start, errors
 
 
-def bench_interleaved(counter: Counter, url: str, image: bytes, concurrency: list[int], requests: int,
+def bench_interleaved(urls: dict[str, str], image: bytes, concurrency: list[int], requests: int,
                       rounds: int) -> dict:
-    """Rounds of: bare/server pairs at concurrency 1, then a block per higher concurrency.
+    """Rounds of: for each concurrency, a block on every server in turn.
 
-    Load from other processes changes over minutes; spreading every mode over the whole run
-    makes it hit all modes alike.
+    Load from other processes changes over minutes; spreading every server and level over the
+    whole run makes it hit all of them alike.
     """
     body = {"instances": [{"image": {"b64": base64.b64encode(image).decode()}}]}
-    counter.predict([image])  # warm-up, both sides
-    httpx.post(f"{url}/v1/models/bincounter:predict", json=body, timeout=300)
-    modes = ["bare"] + concurrency
-    stats = {m: {"latencies": [], "elapsed": 0.0, "errors": 0} for m in modes}
-
-    def add(mode, latencies, elapsed, errors=0):
-        stats[mode]["latencies"] += latencies
-        stats[mode]["elapsed"] += elapsed
-        stats[mode]["errors"] += errors
-
+    for url in urls.values():  # warm-up
+        for _ in range(3):
+            httpx.post(f"{url}/v1/models/bincounter:predict", json=body, timeout=300)
+    stats = {(name, c): {"latencies": [], "elapsed": 0.0, "errors": 0} for name in urls for c in concurrency}
     per_round = max(1, requests // rounds)
     for _ in range(rounds):
-        if 1 in concurrency:
-            bare, served, errors = time_paired(counter, url, body, image, per_round)
-            add("bare", bare, sum(bare))
-            add(1, served, sum(served), errors)
-        else:
-            bare, _, _ = time_paired(counter, url, body, image, max(1, per_round // 4))
-            add("bare", bare, sum(bare))
         for c in concurrency:
-            if c > 1:
-                add(c, *asyncio.run(time_server(url, body, c, max(per_round, c))))
+            for name, url in urls.items():
+                latencies, elapsed, errors = asyncio.run(time_server(url, body, c, max(per_round, c)))
+                st = stats[(name, c)]
+                st["latencies"] += latencies
+                st["elapsed"] += elapsed
+                st["errors"] += errors
     return stats
 
 
-def start_server(model_dir: str, runtime: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def server_flags(config: str) -> list[str]:
+    """``RUNTIME`` or ``RUNTIME+batchN`` (cross-request batching up to N images, 5 ms wait)."""
+    runtime, _, batching = config.partition("+batch")
+    if runtime not in RUNTIMES or (batching and not batching.isdigit()):
+        raise ValueError(f"Invalid server {config!r}: RUNTIME or RUNTIME+batchN, RUNTIME one of {', '.join(RUNTIMES)}")
+    return ["--runtime", runtime] + (["--batching-max-size", batching, "--batching-max-wait-ms", "5"]
+                                     if batching else [])
+
+
+def start_server(model_dir: str, config: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "bincounter.cli", "serve", "--model", model_dir, "--port", str(port),
-           "--runtime", runtime, "--torch-threads", str(threads), "--enable_latency_logging", "false"]
+           *server_flags(config), "--torch-threads", str(threads), "--enable_latency_logging", "false"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
@@ -155,7 +140,7 @@ def start_server(model_dir: str, runtime: str, threads: int, log: Path) -> tuple
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"server did not become ready; log: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"server {config} did not become ready; log: {log.read_text()[-2000:]}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -166,7 +151,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--input-size", default=224, type=int, help="input size of the random model")
     parser.add_argument("--image", default=str(REPO / "tests/data/abid-sample/00010.jpg"), type=str,
                         help="JPEG sent in every request (616x586 ABID photo)")
-    parser.add_argument("--runtime", default="torchscript", choices=RUNTIMES, help="server runtime")
+    parser.add_argument("--servers", default=["torchscript", "onnx", "onnx+batch8"], nargs="+",
+                        help="server configurations, RUNTIME or RUNTIME+batchN; the first is the baseline")
     parser.add_argument("--concurrency", default=[1, 8, 32], type=int, nargs="+", help="client concurrency levels")
     parser.add_argument("--requests", default=64, type=int, help="server requests per concurrency level")
     parser.add_argument("--rounds", default=4, type=int, help="interleaved rounds the requests are spread over")
@@ -200,25 +186,30 @@ def main(args: argparse.Namespace) -> int:
         if not args.skip_runtimes:
             print("\n".join(bench_runtimes(model_dir, config.input_size, args.repeats, args.compile)) + "\n")
 
-        counter = Counter(model, config, runtime=args.runtime)
-        proc, url = start_server(model_dir, args.runtime, args.torch_threads, Path(tmp) / "server.log")
+        procs, urls = [], {}
         try:
-            stats = bench_interleaved(counter, url, image, args.concurrency, args.requests, args.rounds)
+            for name in args.servers:  # one at a time: each server's start (ONNX export) has the CPUs to itself
+                proc, urls[name] = start_server(model_dir, name, args.torch_threads, Path(tmp) / f"{name}.log")
+                procs.append(proc)
+            stats = bench_interleaved(urls, image, args.concurrency, args.requests, args.rounds)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    print(f"server runtime {args.runtime}, one {image_path.name} ({len(image)} bytes) per request; "
-          f"{args.rounds} interleaved rounds; load average after: {os.getloadavg()[0]:.1f}\n")
-    print("| | concurrency | requests | p50 ms | p99 ms | req/s | errors | overhead |")
-    print("|---|---|---|---|---|---|---|---|")
-    bare = stats.pop("bare")
-    bare_p50, bare_rps = percentile(bare["latencies"], 50), len(bare["latencies"]) / bare["elapsed"]
-    for name, c, st in [("bare Counter.predict", 1, bare)] + [("server V1", c, st) for c, st in stats.items()]:
-        p50, p99 = percentile(st["latencies"], 50), percentile(st["latencies"], 99)
-        rps = len(st["latencies"]) / st["elapsed"]
-        overhead = p50 / bare_p50 if c == 1 else bare_rps / rps
-        print(f"| {name} | {c} | {len(st['latencies'])} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | {rps:.2f} | "
-              f"{st['errors']} | {overhead:.2f} |")
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print(f"one {image_path.name} ({len(image)} bytes) per V1 request; {args.rounds} interleaved rounds; "
+          f"load average after: {os.getloadavg()[0]:.1f}; ratios against `{args.servers[0]}` at the same "
+          f"concurrency\n")
+    print("| server | concurrency | requests | p50 ms | p99 ms | req/s | errors | p50 ratio | req/s ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        base = stats[(args.servers[0], c)]
+        base_p50, base_rps = percentile(base["latencies"], 50), len(base["latencies"]) / base["elapsed"]
+        for name in args.servers:
+            st = stats[(name, c)]
+            p50, p99 = percentile(st["latencies"], 50), percentile(st["latencies"], 99)
+            rps = len(st["latencies"]) / st["elapsed"]
+            print(f"| {name} | {c} | {len(st['latencies'])} | {p50 * 1000:.1f} | {p99 * 1000:.1f} | {rps:.2f} | "
+                  f"{st['errors']} | {p50 / base_p50:.2f} | {rps / base_rps:.2f} |")
     return 0
 
 

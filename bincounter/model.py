@@ -16,6 +16,8 @@ import dataclasses
 import io
 import json
 import os
+import time
+import uuid
 from typing import Any
 
 import torch
@@ -49,7 +51,9 @@ class ModelConfig:
     decoding: str = "argmax"
     # Which weights model.pt holds: {"source": "model" | "ema", "epoch": N, "val-accuracy": ...}.
     checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)
-    version: str = "1"
+    # The training run that wrote the folder (what serving reports as model_version); save_model_dir
+    # fills it in. Folders written before this field existed load with "".
+    version: str = ""
     # Softmax temperature fitted on the validation split at the end of training (bincounter.calibration);
     # serving, evaluation and the audit divide the logits by it. 1.0: uncalibrated.
     temperature: float = 1.0
@@ -182,12 +186,20 @@ def save_model_dir(model: nn.Module, config: ModelConfig, dest: str) -> None:
 
     The config is written last, so a folder with a config always has its weights.
     """
+    if not config.version:
+        config = dataclasses.replace(config, version=run_id())
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     storage.write_bytes(storage.join(dest, WEIGHTS_FILE), buf.getvalue())
     storage.write_bytes(storage.join(dest, CONFIG_FILE), config.to_json().encode())
+
+
+def run_id() -> str:
+    """This run's id: ``$BINCOUNTER_RUN_ID`` (e.g. the KFP run), else a new UTC-timestamped one."""
+    generated = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    return os.environ.get("BINCOUNTER_RUN_ID") or generated
 
 
 def load_config(src: str) -> ModelConfig:

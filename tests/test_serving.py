@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bincounter"
 MAX_BATCH = 16
 MAX_PIXELS = 4_000_000
+MAX_REQUEST = 4 * 1024 * 1024
 VERSION = "3"
 
 
@@ -75,10 +77,22 @@ def free_port() -> int:
 
 
 def reference_probs(model_dir: str, images: list[bytes]) -> np.ndarray:
-    """A direct forward pass: PIL decode, the eval transform, the network, softmax."""
+    """A direct forward pass: PIL decode, the eval transform, the network, softmax.
+
+    Like the server, a JPEG over twice the resize is decoded in draft mode (a 36 px resize here,
+    so the real photos are); bincounter/imaging.py's own tests cover the decoding.
+    """
     model, cfg = load_model_dir(model_dir)
     tf = eval_transform(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std)
-    batch = torch.stack([tf(Image.open(io.BytesIO(x)).convert("RGB")) for x in images])
+
+    def decode(data: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG" and min(image.size) >= 4 * cfg.resize_size:
+            scale = min(image.size) / (2 * cfg.resize_size)
+            image.draft("RGB", (math.ceil(image.size[0] / scale), math.ceil(image.size[1] / scale)))
+        return image.convert("RGB")
+
+    batch = torch.stack([tf(decode(x)) for x in images])
     with torch.inference_mode():
         return torch.softmax(model(batch), dim=1).numpy()
 
@@ -97,12 +111,16 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory) -> str:
-    port = free_port()
+def served(model_dir, tmp_path_factory) -> dict:
+    """The server (REST and gRPC), its log, its ports."""
+    port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
+    # TorchScript starts in ~1 s (ONNX export takes ~10 s; test_serving_images.py checks ONNX against it).
     cmd = [sys.executable, "-m", "bincounter.cli", "serve", "--model", model_dir, "--model-name", MODEL_NAME,
            "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--max-image-pixels", str(MAX_PIXELS),
-           "--enable_latency_logging", "false", "--torch-threads", "1"]  # 1 thread: robust on a busy 2-core CI
+           "--max-request-bytes", str(MAX_REQUEST), "--runtime", "torchscript", "--enable_grpc", "true",
+           "--grpc_port", str(grpc_port), "--enable_latency_logging", "false",
+           "--torch-threads", "1"]  # 1 thread: robust on a busy 2-core CI
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -117,7 +135,7 @@ def server(model_dir, tmp_path_factory) -> str:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        yield url
+        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "log": log, "proc": proc}
     finally:
         proc.terminate()
         try:
@@ -125,6 +143,11 @@ def server(model_dir, tmp_path_factory) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served["url"]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +171,7 @@ def test_health_and_readiness(http):
     assert http.get(f"/v1/models/{MODEL_NAME}").json() == {"name": MODEL_NAME, "ready": True}
     assert http.get(f"/v2/models/{MODEL_NAME}/ready").json() == {"name": MODEL_NAME, "ready": True}
     meta = http.get(f"/v2/models/{MODEL_NAME}").json()
+    assert meta["versions"] == [VERSION] and "parameters" not in meta  # a list, never null
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert {o["name"] for o in meta["outputs"]} == {"count", "label", "confidence", "probabilities"}
     assert http.get("/v1/models/other").status_code == 404
@@ -259,7 +283,10 @@ def _truncated() -> bytes:
 
 BAD_REQUESTS = {
     "v1 malformed json": (V1, b'{"instances": [', 400, "Unrecognized request format"),
-    "v2 malformed json": (V2, b'{"inputs": [', 422, "JSON decode error"),
+    "v2 malformed json": (V2, b'{"inputs": [', 400, "invalid request body"),
+    "v2 not an inference request": (V2, {"inputs": "abc"}, 400, "invalid request body at inputs"),
+    "v1 deeply nested json": (V1, b"[" * 100000, 400, "depth limit exceeded"),
+    "v2 deeply nested json": (V2, b"[" * 100000, 400, "error parsing the body"),
     "v1 not json at all": (V1, b"\xff\xd8 raw jpeg bytes", 400, "Unrecognized request format"),
     "v1 invalid base64": (V1, {"instances": [{"image": {"b64": "not*base64!"}}]}, 400, "instances[0].image.b64 is not valid base64"),
     "v2 invalid base64": (V2, {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}, 400, "image[0] is not valid base64"),
@@ -275,7 +302,10 @@ BAD_REQUESTS = {
     "v2 oversized batch": (V2, v2_body([jpeg(8, 8)] * (MAX_BATCH + 1)), 400, "is larger than the limit"),
     "v1 wrong instance shape": (V1, {"instances": [{"b64": "aGk="}]}, 400, 'instances[0] must be {"image"'),
     "v1 no instances": (V1, {"inputs": []}, 400, "'instances' list"),
-    "v2 wrong datatype": (V2, {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "exactly one BYTES input"),
+    "v2 wrong datatype": (V2, {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "must have a BYTES input 'image'"),
+    "v2 unknown input": (V2, {"inputs": [*v2_body([jpeg()])["inputs"], {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "known inputs"),
+    "v2 unknown output": (V2, {**v2_body([jpeg()]), "outputs": [{"name": "volume"}]}, 400, "unknown output(s) ['volume']"),
+    "v2 negative shape": (V2, {"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["aGk="]}]}, 400, "has shape [-1]"),
     "v2 shape mismatch": (V2, {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]}, 400, "has shape [2] but 1 elements"),
 }
 
@@ -286,7 +316,7 @@ def test_bad_input_gets_4xx_then_service_continues(http, case):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = http.post(path, content=content, headers=JSON)
     assert r.status_code == status, r.text
-    assert message in (r.json().get("error") or r.text)  # KServe: {"error": ...}; FastAPI's 422: {"detail": ...}
+    assert set(r.json()) == {"error"} and message in r.json()["error"]  # the protocol's error shape
     good = http.post(path, json=(v1_body if path == V1 else v2_body)([jpeg(seed=7)]))
     assert good.status_code == 200, good.text
 
@@ -353,7 +383,7 @@ def test_concurrent_clients_zero_errors(server):
 
 
 def test_load_fails_fast_on_a_bad_folder(tmp_path, model_dir):
-    missing = BinCounterModel(MODEL_NAME, str(tmp_path / "nope"))
+    missing = BinCounterModel(MODEL_NAME, str(tmp_path / "nope"), runtime="eager")
     with pytest.raises(ModelLoadError, match=r"nope.*No config.json"):
         missing.load()
     assert not missing.ready
@@ -362,14 +392,14 @@ def test_load_fails_fast_on_a_bad_folder(tmp_path, model_dir):
     incomplete.mkdir()
     (incomplete / "config.json").write_text(Path(model_dir, "config.json").read_text())
     with pytest.raises(ModelLoadError, match="No model.pt"):
-        BinCounterModel(MODEL_NAME, str(incomplete)).load()
+        BinCounterModel(MODEL_NAME, str(incomplete), runtime="eager").load()
 
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"arch": "resnet18", "colour": "red"}))
     (unknown / "model.pt").write_bytes(Path(model_dir, "model.pt").read_bytes())
     with pytest.raises(ModelLoadError, match="Unknown keys.*colour"):
-        BinCounterModel(MODEL_NAME, str(unknown)).load()
+        BinCounterModel(MODEL_NAME, str(unknown), runtime="eager").load()
 
     # The entrypoint reports it and exits non-zero instead of serving an unready model.
     args = serving_server.get_args_parser().parse_args(["--model", str(tmp_path / "nope"), "--port", "1",
@@ -382,14 +412,14 @@ def test_load_from_s3(model_dir, s3_bucket, sample_jpegs):
     model, config = load_model_dir(model_dir)
     uri = f"s3://{s3_bucket}/models/bincounter"
     save_model_dir(model, config, uri)
-    served = BinCounterModel(MODEL_NAME, uri)
+    served = BinCounterModel(MODEL_NAME, uri, runtime="eager")
     assert served.load() and served.version == VERSION
     [pred] = served.counter.predict(sample_jpegs[:1])
     np.testing.assert_allclose(pred.probabilities, reference_probs(model_dir, sample_jpegs[:1])[0], atol=1e-5)
 
 
 def test_load_sets_ready_last(model_dir):
-    model = BinCounterModel(MODEL_NAME, model_dir)
+    model = BinCounterModel(MODEL_NAME, model_dir, runtime="eager")
     assert not model.ready
     assert model.load() is True and model.ready and model.version == VERSION
 
@@ -453,28 +483,6 @@ def test_predict_sends_token_and_host_header():
     assert (r.count, r.model_version) == (2, "5")
 
 
-# ---------------------------------------------------------------- decoding, without a server
-
-
-def test_decode_image_guards():
-    from bincounter.serving.inference import ImageError, decode_image
-
-    assert decode_image(jpeg(30, 20)).size == (30, 20)
-    with pytest.raises(ImageError, match="empty"):
-        decode_image(b"")
-    with pytest.raises(ImageError, match="too large: 100x100 = 10000 pixels, more than the limit of 5000"):
-        decode_image(jpeg(100, 100), max_pixels=5000)
-    with pytest.raises(ImageError, match="too large"):
-        decode_image(bomb_jpeg())  # PIL's default limit, ~4 Gpx claimed by a 1 kB file
-    with pytest.raises(ImageError, match="more than the limit of 100 bytes"):
-        decode_image(jpeg(), max_bytes=100)
-    with pytest.raises(ImageError, match="truncated or corrupt"):
-        decode_image(_truncated())
-    png = io.BytesIO()
-    Image.new("L", (10, 10)).save(png, "PNG")
-    assert decode_image(png.getvalue()).mode == "RGB"
-
-
 def test_torch_threads_follow_the_pod_cpu_limit(monkeypatch):
     """A pod limited to 1.5 CPUs on a big node gets 2 torch threads, not one per node core."""
     cores = len(os.sched_getaffinity(0))
@@ -485,3 +493,239 @@ def test_torch_threads_follow_the_pod_cpu_limit(monkeypatch):
     monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: None)  # v2 without a limit
     monkeypatch.setattr(serving_server, "_cgroup_v1_quota", lambda: None)
     assert serving_server.cpu_limit() == cores
+
+
+# ---------------------------------------------------------------- stock Open Inference Protocol clients as peers
+
+
+def test_triton_http_client(server, model_dir, sample_jpegs):
+    """tritonclient.http: binary tensors (its default), JSON tensors (no Content-Type), outputs by name."""
+    import tritonclient.http as triton
+
+    images = sample_jpegs[:2]
+    ref = reference_probs(model_dir, images)
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    try:
+        assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+        assert client.get_model_metadata(MODEL_NAME)["versions"] == [VERSION]
+        assert client.is_model_ready(MODEL_NAME, model_version=VERSION)
+        for binary in (True, False):
+            tensor = triton.InferInput("image", [len(images)], "BYTES")
+            tensor.set_data_from_numpy(np.array(images if binary else [b64(x).encode() for x in images], dtype=object),
+                                       binary_data=binary)
+            result = client.infer(MODEL_NAME, [tensor], model_version=VERSION,
+                                  outputs=[triton.InferRequestedOutput("count", binary_data=binary),
+                                           triton.InferRequestedOutput("probabilities", binary_data=binary)])
+            np.testing.assert_allclose(result.as_numpy("probabilities"), ref, atol=1e-5)
+            assert result.as_numpy("count").tolist() == ref.argmax(axis=1).tolist()
+            assert result.as_numpy("label") is None  # not asked for, not sent
+            assert result.get_response()["model_version"] == VERSION
+        with pytest.raises(triton.InferenceServerException, match="no version '0'"):
+            client.infer(MODEL_NAME, [tensor], model_version="0")
+    finally:
+        client.close()
+
+
+TRITON_GRPC_PEER = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+url, model, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+images = [open(p, "rb").read() for p in paths]
+client = triton.InferenceServerClient(url)
+out = {"ready": client.is_server_ready() and client.is_model_ready(model)}
+tensor = triton.InferInput("image", [len(images)], "BYTES")
+tensor.set_data_from_numpy(np.array(images, dtype=object))
+result = client.infer(model, [tensor])
+out["probabilities"] = result.as_numpy("probabilities").tolist()
+out["labels"] = [x.decode() for x in result.as_numpy("label")]
+out["version"] = result.get_response().model_version
+only = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("confidence")])
+out["only"] = [o.name for o in only.get_response().outputs]
+bad = triton.InferInput("image", [1], "BYTES")
+bad.set_data_from_numpy(np.array([b"not a photo"], dtype=object))
+for name, call in (("bad", lambda: client.infer(model, [bad])), ("unload", lambda: client.unload_model(model))):
+    try:
+        call()
+        out[name] = "no error"
+    except triton.InferenceServerException as e:
+        out[name] = [e.status(), e.message()]
+out["still_ready"] = client.is_model_ready(model)
+print(json.dumps(out))
+"""
+
+
+def test_triton_grpc_client(served, model_dir, sample_jpegs, tmp_path):
+    """tritonclient.grpc sends images in raw_input_contents and reads raw_output_contents.
+
+    It runs in its own process: tritonclient.grpc and kserve both register the ``inference.*``
+    protobuf messages, and one process cannot hold both.
+    """
+    images = sample_jpegs[1:]
+    paths = []
+    for i, data in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Path(paths[-1]).write_bytes(data)
+    run = subprocess.run([sys.executable, "-c", TRITON_GRPC_PEER, served["grpc"], MODEL_NAME, *paths],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    ref = reference_probs(model_dir, images)
+    assert out["ready"] and out["version"] == VERSION
+    np.testing.assert_allclose(out["probabilities"], ref, atol=1e-5)
+    assert out["labels"] == [["0", "1", "2", "3", "4", "5+"][k] for k in ref.argmax(axis=1)]
+    assert out["only"] == ["confidence"]
+    assert out["bad"][0] == "StatusCode.INVALID_ARGUMENT" and "not an image" in out["bad"][1]
+    assert out["unload"][0] == "StatusCode.UNIMPLEMENTED" and "disabled" in out["unload"][1]
+    assert out["still_ready"]
+
+
+def test_kserve_grpc_client(served, model_dir, sample_jpegs):
+    """KServe's InferenceGRPCClient, raw bytes in raw_input_contents (its binary_data default)."""
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    images = sample_jpegs[:3]
+    ref = reference_probs(model_dir, images)
+
+    async def query():
+        client = InferenceGRPCClient(served["grpc"], timeout=30)
+        try:
+            tensor = InferInput(name="image", shape=[len(images)], datatype="BYTES")
+            tensor.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+            return await client.infer(InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]))
+        finally:
+            await client.close()
+
+    result = asyncio.run(query())
+    np.testing.assert_allclose(result.get_output_by_name("probabilities").as_numpy(), ref, atol=1e-5)
+    assert result.model_version == VERSION
+
+
+# ---------------------------------------------------------------- safety: no request takes the server down
+
+
+def test_no_unload_over_the_data_plane(http):
+    for action in ("load", "unload"):
+        r = http.post(f"/v2/repository/models/{MODEL_NAME}/{action}")
+        assert r.status_code == 404 and "repository extension is disabled" in r.json()["error"]
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    assert http.post(V2, json=v2_body([jpeg()])).status_code == 200
+
+
+def test_readiness_reflects_the_model(model_dir):
+    """The server's readiness (REST /v2/health/ready and gRPC ServerReady) is the model's.
+
+    KServe's own answer is True for as long as the process runs, model loaded or not.
+    """
+    model = BinCounterModel(MODEL_NAME, model_dir, runtime="eager")
+    ready = serving_server.readiness(model)
+    assert asyncio.run(ready()) is False
+    model.load()
+    assert asyncio.run(ready()) is True
+
+
+def test_body_size_limit_is_413_before_reading(server, http):
+    big = b"x" * (MAX_REQUEST + 1)
+    r = http.post(V1, content=big, headers=JSON)
+    assert r.status_code == 413 and "more than the limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: refused once the limit is passed
+        for _ in range(MAX_REQUEST // 65536 + 2):
+            yield b"y" * 65536
+
+    r = http.post(V2, content=chunks(), headers=JSON)
+    assert r.status_code == 413
+    # The claim alone is enough: the server answers without waiting for a body that never comes.
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(f"POST {V1} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {100 * 1024 * 1024}\r\n\r\n".encode())
+        assert s.recv(200).startswith(b"HTTP/1.1 413")
+
+
+def test_content_types(http):
+    """JSON is read as JSON whatever the Content-Type says; a deeply nested text body is a 400 (was a 500)."""
+    r = http.post(V1, content=b"[" * 100000, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "not JSON (RecursionError)" in r.json()["error"]
+    r = http.post(V2, content=b"[" * 100000, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    r = http.post(V2, content=json.dumps(v2_body([jpeg()])).encode(), headers={"Content-Type": ""})
+    assert r.status_code == 200, r.text
+    r = http.post(V2, content=json.dumps(v2_body([jpeg()])).encode(),
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
+    assert r.status_code == 200, r.text
+
+
+def test_versions_paths(http):
+    base = f"/v2/models/{MODEL_NAME}/versions/{VERSION}"
+    assert http.get(base).json()["versions"] == [VERSION]
+    assert http.get(f"{base}/ready").json() == {"name": MODEL_NAME, "ready": True}
+    r = http.post(f"{base}/infer", json=v2_body([jpeg()]))
+    assert r.status_code == 200 and r.json()["model_version"] == VERSION
+    for path in ("", "/ready", "/infer"):
+        r = http.request("POST" if path == "/infer" else "GET", f"/v2/models/{MODEL_NAME}/versions/9{path}",
+                         json=v2_body([jpeg()]))
+        assert r.status_code == 404 and f"serves version '{VERSION}'" in r.json()["error"]
+    assert http.get("/no/such/path").json() == {"error": "Not Found"}
+
+
+def test_outputs_by_name_and_no_null_fields(http):
+    r = http.post(V2, json={**v2_body([jpeg(), jpeg(seed=1)]), "outputs": [{"name": "label"}, {"name": "count"}]})
+    answer = r.json()
+    assert [o["name"] for o in answer["outputs"]] == ["label", "count"]
+    assert all("parameters" not in o for o in answer["outputs"])  # optional: absent, not null
+
+
+def test_client_errors_log_one_line_server_errors_keep_tracebacks(served, http):
+    log = served["log"]
+    before = log.read_text().count("\n")
+    r = http.post(V1, json=v1_body([b"definitely not an image"]))
+    assert r.status_code == 400
+    time.sleep(0.3)
+    new = log.read_text().splitlines()[before:]
+    reasons = [line for line in new if "not an image" in line]
+    assert len(reasons) == 1 and "WARNING" in reasons[0], new
+    assert not any("Traceback" in line for line in new), new
+
+
+def test_prometheus_drift_metrics(http):
+    def scrape() -> dict[str, float]:
+        values = {}
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith("bincounter_") and f'model_version="{VERSION}"' in line:
+                name, value = line.rsplit(" ", 1)
+                values[name.split("{")[0] + ("{le=" + name.split('le="')[1].split('"')[0] + "}"
+                                             if 'le="' in name else "")] = float(value)
+        return values
+
+    before = scrape()
+    r = http.post(V1, json=v1_body([jpeg(seed=s) for s in range(3)]))
+    preds = r.json()["predictions"]
+    after = scrape()
+    assert after["bincounter_predicted_count_count"] - before.get("bincounter_predicted_count_count", 0) == 3
+    assert after["bincounter_confidence_count"] - before.get("bincounter_confidence_count", 0) == 3
+    low = sum(p["confidence"] < 0.5 for p in preds)  # an untrained 6-class model: all of them
+    assert after["bincounter_low_confidence_total"] - before.get("bincounter_low_confidence_total", 0) == low
+    zeros = sum(p["count"] == 0 for p in preds)
+    assert after["bincounter_predicted_count_bucket{le=0.0}"] - \
+        before.get("bincounter_predicted_count_bucket{le=0.0}", 0) == zeros
+
+
+def test_cross_request_batching_in_the_model(model_dir, sample_jpegs, one_torch_thread):
+    """With --batching-max-size, concurrent requests share forward passes and get their own answers."""
+    model = BinCounterModel(MODEL_NAME, model_dir, runtime="eager", batch_max_size=8, batch_max_wait_ms=200)
+    model.load()
+    passes = []
+    forward = model.counter.forward
+    model._batcher.forward = lambda batch: passes.append(len(batch)) or forward(batch)
+
+    async def one(body):
+        return await model.predict(await model.preprocess(body))
+
+    async def run():
+        return await asyncio.gather(*(one(v1_body([x])) for x in sample_jpegs))
+
+    answers = asyncio.run(run())
+    model.stop()
+    assert sum(passes) == len(sample_jpegs) and len(passes) < len(sample_jpegs)
+    ref = reference_probs(model_dir, sample_jpegs)
+    np.testing.assert_allclose([a["predictions"][0]["probabilities"] for a in answers], ref, atol=1e-5)

@@ -128,18 +128,16 @@ def resize_jpeg(data: bytes, id: str, short_side: int, quality: int = 90) -> byt
     """Decode, resize so the short side is ``short_side`` (never upscale), re-encode as RGB JPEG."""
     from PIL import Image
 
+    from bincounter.imaging import open_image
+
     try:
-        im = Image.open(io.BytesIO(data))
-        if im.format != "JPEG":
-            raise ValueError(f"format is {im.format}, not JPEG")
+        # Upright (EXIF orientation), RGB, DCT-downscaled while decoding: the same opening as serving's.
+        im = open_image(data, formats=("JPEG",), draft_size=short_side)
         w, h = im.size
         scale = short_side / min(w, h)
         if scale < 1:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            im.draft("RGB", size)  # DCT-domain downscale while decoding: much cheaper for large JPEGs
-            im = im.convert("RGB").resize(size, Image.BICUBIC)
-        else:
-            im = im.convert("RGB")
+            im = im.resize(size, Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()

@@ -2,33 +2,34 @@
 
 ``Counter`` is what the KServe model server wraps and what the serving benchmark
 calls directly as the "bare model" baseline. It decodes images defensively
-(untrusted bytes from the network) and runs one batched forward pass per call.
+(untrusted bytes from the network, ``bincounter.imaging``) and runs one batched
+forward pass per call, on one of three runtimes:
+
+- ``eager``: the PyTorch module as is;
+- ``torchscript``: traced and frozen;
+- ``onnx``: exported with ``torch.onnx`` at load and run by ONNX Runtime (the default: the fastest
+  on CPU in benchmarks/bench_serving.py, docs/benchmarks/serving.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import warnings
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                                DEFAULT_MAX_JPEG_SCANS, IMAGE_FORMATS, ImageError, ImageLimits, open_image)
 from bincounter.model import ModelConfig
 from bincounter.presets import eval_transform
 
-# Formats a client may send. Restricting them keeps PIL's rarer (and riskier) decoders,
-# e.g. EPS via Ghostscript, away from network input.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-# 40 Mpx is ~8x the largest ABID photo; a larger image is almost surely a decompression bomb.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
-RUNTIMES = ("eager", "torchscript")
-
-
-class ImageError(ValueError):
-    """An input image cannot be used; the message says which image and why."""
+RUNTIMES = ("eager", "torchscript", "onnx")
+__all__ = ["Counter", "ImageError", "ImageLimits", "Prediction", "RUNTIMES", "decode_image", "IMAGE_FORMATS",
+           "DEFAULT_MAX_ASPECT_RATIO", "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_JPEG_SCANS"]
 
 
 @dataclasses.dataclass
@@ -42,36 +43,20 @@ class Prediction:
         return dataclasses.asdict(self)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Image.Image:
-    """Decode untrusted image bytes to an RGB PIL image, or raise ``ImageError``.
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: int | None = None):
+    """Untrusted image bytes -> upright RGB PIL image, or ``ImageError`` (see ``bincounter.imaging``)."""
+    return open_image(data, limits=limits, draft_size=draft_size)
 
-    The pixel count is checked from the header, before any pixel is decoded, so a
-    tiny file that claims 100k x 100k pixels costs nothing.
-    """
-    if not data:
-        raise ImageError("the image is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageError(f"the image is {len(data)} bytes, more than the limit of {max_bytes} bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except UnidentifiedImageError:
-        raise ImageError(f"the bytes are not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"the image is too large: {e}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"the image is too large: {width}x{height} = {width * height} pixels, more than the limit of "
-                         f"{max_pixels} pixels (decompression-bomb guard)")
-    if width == 0 or height == 0:
-        raise ImageError(f"the image has no pixels ({width}x{height})")
-    try:
-        image.load()  # decode now, so a truncated or corrupt file fails here and not in the transform
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"the {image.format} image cannot be decoded, it is truncated or corrupt: {e}") from None
+
+def export_onnx(model: nn.Module, input_size: int) -> bytes:
+    """The network as an ONNX model with a dynamic batch dimension (input ``images``, output ``logits``)."""
+    example = torch.zeros(1, 3, input_size, input_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter warns about its own internals
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                    verbose=False)
+    return program.model_proto.SerializeToString()
 
 
 class Counter:
@@ -80,27 +65,35 @@ class Counter:
     Args:
         model: the network from ``bincounter.model.load_model_dir`` (eval mode, CPU).
         config: its ``ModelConfig``.
-        runtime: ``"eager"`` runs the module as is; ``"torchscript"`` traces and freezes it
-            (see docs/benchmarks/serving.md for which is faster).
-        max_image_pixels, max_image_bytes: limits for each decoded image.
+        runtime: one of ``RUNTIMES`` (module docstring).
+        limits: what one image may cost to decode.
+        threads: intra-op threads for ONNX Runtime (0: torch's current setting).
     """
 
     def __init__(self, model: nn.Module, config: ModelConfig, runtime: str = "eager",
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+                 limits: ImageLimits = ImageLimits(), threads: int = 0):
         if runtime not in RUNTIMES:
             raise ValueError(f"Invalid runtime {runtime!r}. Only {', '.join(RUNTIMES)} are supported.")
         self.config = config
         self.runtime = runtime
-        self.max_image_pixels = max_image_pixels
-        self.max_image_bytes = max_image_bytes
+        self.limits = limits
         self.transform = eval_transform(config.input_size, config.resize_size, config.mean, config.std)
         model = model.eval()
+        self._session = None
         if runtime == "torchscript":
             example = torch.zeros(1, 3, config.input_size, config.input_size)
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated in favour of compile
                 model = torch.jit.freeze(torch.jit.trace(model, example))
+        elif runtime == "onnx":
+            import onnxruntime as ort  # the serve extra; only this runtime needs it
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # errors only: it warns about unused initializers otherwise
+            self._session = ort.InferenceSession(export_onnx(model, config.input_size), options,
+                                                 providers=["CPUExecutionProvider"])
         self.model = model
 
     def preprocess(self, images: list[bytes]) -> torch.Tensor:
@@ -108,7 +101,8 @@ class Counter:
         tensors = []
         for i, data in enumerate(images):
             try:
-                image = decode_image(data, self.max_image_pixels, self.max_image_bytes)
+                # Draft to twice the resize: the antialiased resize that follows sees plenty of pixels.
+                image = decode_image(data, self.limits, draft_size=2 * self.config.resize_size)
             except ImageError as e:
                 raise ImageError(f"image {i}: {e}") from None
             tensors.append(self.transform(image))
@@ -117,6 +111,9 @@ class Counter:
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities, shape ``[N, num_classes]``."""
+        if self._session is not None:
+            (logits,) = self._session.run(["logits"], {"images": np.ascontiguousarray(batch.numpy())})
+            return torch.softmax(torch.from_numpy(logits), dim=1)
         return torch.softmax(self.model(batch), dim=1)
 
     def postprocess(self, probs: torch.Tensor) -> list[Prediction]:
