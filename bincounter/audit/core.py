@@ -154,10 +154,9 @@ class Scorer:
 
     def expected_class(self, expected: int) -> int | None:
         """The class index of an expected quantity (``None``: the model has no class for it)."""
-        k = self.config.max_count
-        if expected <= k:
-            return expected
-        return k if self.config.k_or_more else None
+        from bincounter.audit.online import expected_class
+
+        return expected_class(expected, self.config.max_count, self.config.k_or_more)
 
     def probabilities(self, batch):
         import torch
@@ -175,7 +174,8 @@ def _decoded(scorer: Scorer, id_: str, expected: int, jpeg: bytes):
     from bincounter.serving.inference import ImageError, decode_image
 
     try:
-        return scorer.transform(decode_image(jpeg))
+        # Draft decoding to twice the resize, as serving does: the antialiased resize still sees enough pixels.
+        return scorer.transform(decode_image(jpeg, draft_size=2 * scorer.config.resize_size))
     except ImageError as e:
         raise abid.RecordError(id_, abid.UNREADABLE_JPEG, str(e)) from None
 
