@@ -268,15 +268,17 @@ def train_args(data_uri: str, model_uri: str, extra: Sequence[str] = ()) -> list
 
 def _train_pod_template(*, image: str, args: list[str], resources: Resources, service_account_name: str,
                         s3_secret_name: str, node_selector: Mapping[str, str] | None,
-                        tolerations: Sequence[Mapping] | None, shm_size: str) -> dict:
+                        tolerations: Sequence[Mapping] | None, shm_size: str | None,
+                        container: str = TRAIN_CONTAINER, command: list[str] | None = None) -> dict:
+    """The pod of a batch workload (training; the audit's Job passes its own container and command)."""
     volumes, mounts = _scratch_volumes(shm_size)
     spec: dict[str, Any] = {
         "serviceAccountName": service_account_name,
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         "containers": [{
-            "name": TRAIN_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": train_command(), "args": args,
+            "name": container, "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": command or train_command(), "args": args,
             "env": _base_env() + _s3_env(s3_secret_name),
             "resources": resources.to_k8s(),
             "securityContext": container_security_context(),
@@ -628,31 +630,18 @@ def audit_job(name: str, namespace: str = DEFAULT_NAMESPACE, *, model_uri: str, 
     parallelism = parts if parallelism is None else parallelism
     if not 1 <= parallelism <= parts:
         raise ValueError(f"Need 1 <= parallelism <= parts, got {parallelism} and {parts}")
-    volumes, mounts = _scratch_volumes(None)  # threads, no DataLoader workers: the default /dev/shm will do
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": service_account_name,
-        "automountServiceAccountToken": False,
-        "securityContext": pod_security_context(),
-        "containers": [{
-            "name": AUDIT_CONTAINER, "image": image or images.image("trainer"), "imagePullPolicy": "IfNotPresent",
-            "command": ["bincounter", "audit"], "args": audit_args(model_uri, source, output_uri, parts, extra_args),
-            "env": _base_env() + _s3_env(s3_secret_name),
-            "resources": resources.to_k8s(),
-            "securityContext": container_security_context(),
-            "volumeMounts": mounts,
-        }],
-        "volumes": volumes,
-    }
-    if node_selector:
-        pod["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        pod["tolerations"] = [dict(t) for t in tolerations]
+    template = _train_pod_template(
+        image=image or images.image("trainer"), args=audit_args(model_uri, source, output_uri, parts, extra_args),
+        resources=resources, service_account_name=service_account_name, s3_secret_name=s3_secret_name,
+        node_selector=node_selector, tolerations=tolerations,
+        shm_size=None,  # threads, no DataLoader workers: the default /dev/shm will do
+        container=AUDIT_CONTAINER, command=["bincounter", "audit"])
+    template["spec"] = {"restartPolicy": "Never", **template["spec"]}
+    template["metadata"]["labels"]["app.kubernetes.io/component"] = "audit"
     spec: dict[str, Any] = {
         "completionMode": "Indexed", "completions": parts, "parallelism": parallelism,
         "backoffLimitPerIndex": backoff_limit_per_index, "ttlSecondsAfterFinished": ttl_seconds_after_finished,
-        "template": {"metadata": {"labels": {**PART_OF, **ISTIO_NO_SIDECAR, "app.kubernetes.io/component": "audit"}},
-                     "spec": pod},
+        "template": template,
     }
     if active_deadline_seconds:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
