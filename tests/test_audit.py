@@ -31,6 +31,7 @@ from bincounter import model as model_lib
 from bincounter import presets
 from bincounter.audit import cli as audit_cli
 from bincounter.audit import core
+from bincounter.serving.inference import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = 1.7
@@ -100,7 +101,8 @@ def by_hand(model_dir: str, root: Path, ids: list[str]) -> dict[str, np.ndarray]
     out = {}
     with torch.inference_mode():
         for i in ids:
-            x = tf(Image.open(root / "bin-images" / f"{i}.jpg").convert("RGB"))[None]
+            # Decoded as serving decodes (its guarded decoder, JPEG draft to twice the resize).
+            x = tf(decode_image((root / "bin-images" / f"{i}.jpg").read_bytes(), draft_size=2 * cfg.resize_size))[None]
             out[i] = torch.softmax(net(x) / cfg.temperature, dim=1)[0].numpy()
     return out
 
