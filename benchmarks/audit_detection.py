@@ -44,7 +44,7 @@ def prepare(name: str, source: str, work: Path, input_size: int, epochs: int) ->
     if not (model / "config.json").exists():
         run("train", "--data", str(split), "--output", str(model), "--arch", "resnet18", "--pretrained", "",
             "--k-or-more", "--max-count", "5", "--epochs", str(epochs), "--batch-size", "16",
-            "--input-size", str(input_size), "--workers", "0")
+            "--input-size", str(input_size), "--workers", "0", "--warmup-epochs", "0.5")
     return str(split), str(model)
 
 
@@ -65,6 +65,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--target-precision", type=float, default=0.5)
     p.add_argument("--synthetic-images", type=int, default=600)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--input-size", type=int, default=64)
     args = p.parse_args()
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,9 +76,9 @@ def main() -> int:
             source = work / "synthetic" / "abid"
             if not (source / "metadata").exists():
                 run("synth", str(source), "--images", str(args.synthetic_images), "--max-count", "5", "--seed", "0")
-            split, model = prepare(name, str(source), work, input_size=64, epochs=10)
+            split, model = prepare(name, str(source), work, input_size=args.input_size, epochs=args.epochs)
         else:
-            split, model = prepare(name, str(ABID_DEV), work, input_size=128, epochs=15)
+            split, model = prepare(name, str(ABID_DEV), work, input_size=args.input_size, epochs=args.epochs)
         config = json.loads((Path(model) / "config.json").read_text())
         cal = config.get("calibration") or {}
         for target in (None, args.target_precision):
