@@ -17,7 +17,7 @@ from kfp import compiler, dsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `components` and `pipeline` next to this file
 
-from components import audit, cleanup  # noqa: E402
+from components import audit  # noqa: E402
 from pipeline import _on_cluster  # noqa: E402  (S3 credentials and step placement, as in the training pipeline)
 
 PIPELINE_FILE = Path(__file__).resolve().parent / "audit_pipeline.yaml"
@@ -48,18 +48,17 @@ def audit_pipeline(
     step_tolerations: list = [],
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    cleanup_task = cleanup(engine=engine, run_id=run_id, namespace=namespace)
-    cleanup_task.set_caching_options(False)
-    with dsl.ExitHandler(cleanup_task, name="audit-and-clean-up-on-failure"):
-        task = _on_cluster(audit(
-            model_uri=model_uri, source=source, engine=engine, work_uri=work_uri, run_id=run_id, split=split,
-            threshold=threshold, target_precision=target_precision, validation=validation,
-            inject_discrepancies=inject_discrepancies, seed=seed, limit=limit, workers=workers,
-            gpus_per_worker=gpus_per_worker, namespace=namespace, spot=spot, deadline_minutes=deadline_minutes,
-            s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret),
-            s3_secret=s3_secret, node_selector=step_node_selector, tolerations=step_tolerations)
-        task.set_caching_options(False)  # the bucket changes under the same parameters
-        task.set_retry(num_retries=2, backoff_duration="60s")  # a retry resumes: finished chunks are kept
+    # No exit handler: the step cleans up after itself (the launcher deletes the Indexed Job on failure,
+    # timeout or cancellation; local parts are stopped with the step), and a rerun resumes the chunks.
+    task = _on_cluster(audit(
+        model_uri=model_uri, source=source, engine=engine, work_uri=work_uri, run_id=run_id, split=split,
+        threshold=threshold, target_precision=target_precision, validation=validation,
+        inject_discrepancies=inject_discrepancies, seed=seed, limit=limit, workers=workers,
+        gpus_per_worker=gpus_per_worker, namespace=namespace, spot=spot, deadline_minutes=deadline_minutes,
+        s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret),
+        s3_secret=s3_secret, node_selector=step_node_selector, tolerations=step_tolerations)
+    task.set_caching_options(False)  # the bucket changes under the same parameters
+    task.set_retry(num_retries=2, backoff_duration="60s")  # a retry resumes: finished chunks are kept
 
 
 def compile_pipeline(path: str | Path = PIPELINE_FILE) -> Path:

@@ -21,22 +21,31 @@ from kfp import compiler, dsl, kubernetes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `components` next to this file
 
-from bincounter import images  # noqa: E402
-from components import audit_test_split, cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
+from bincounter import images, storage  # noqa: E402
+from bincounter.k8s import objects  # noqa: E402
+from components import audit_test_split, check, cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
 
 PIPELINE_FILE = Path(__file__).resolve().parent / "pipeline.yaml"
-# The S3 Secret's keys, as bincounter.k8s.objects.s3_secret writes them: credentials are
-# required; endpoint and region are optional (AWS S3 needs neither).
-S3_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_OPTIONAL_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# The S3 Secret's keys, as bincounter.k8s.objects.s3_secret writes them: the credentials are
+# required; endpoint and region (storage.S3_SETTINGS) are optional (AWS S3 needs neither).
+S3_REQUIRED_KEYS = objects.S3_KEYS
+S3_SETTINGS_DIR = "/etc/bincounter/s3"
 
 
 def _on_cluster(task: dsl.PipelineTask, s3_secret, node_selector, tolerations) -> dsl.PipelineTask:
-    """What every step pod needs on a cluster (kfp.local ignores it): S3 credentials as env
-    from the Secret, and the pipeline's node selector and tolerations for step pods."""
+    """What every step pod needs on a cluster (kfp.local ignores it): the S3 Secret, and the
+    pipeline's node selector and tolerations for step pods.
+
+    Only the required keys become env variables. KFP backend 2.5.0 (Kubeflow 1.10.2) drops the
+    ``optional`` flag of a secret-as-env mapping: its driver builds a ``SecretKeySelector`` with
+    just the key (kubeflow/pipelines backend/src/v2/driver/driver.go at 2.5.0,
+    ``extendPodSpecPatch``; 2.15.0 copies ``secretAsEnv.optional``), so a key missing from the
+    Secret stops the pod. The whole Secret is mounted as files instead: a missing key is simply
+    no file there, and ``bincounter.storage`` reads endpoint and region from the files it finds.
+    """
     kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_REQUIRED_KEYS})
-    kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_OPTIONAL_KEYS},
-                                 optional=True)
+    kubernetes.use_secret_as_volume(task, secret_name=s3_secret, mount_path=S3_SETTINGS_DIR)
+    task.set_env_variable(storage.S3_SETTINGS_DIR_ENV, S3_SETTINGS_DIR)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
     return task
@@ -93,13 +102,25 @@ def bincounter_pipeline(
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     on_cluster = dict(s3_secret=s3_secret, node_selector=step_node_selector, tolerations=step_tolerations)
 
-    cleanup_task = cleanup(engine=engine, run_id=run_id, namespace=namespace)
+    # The exit handler learns how the run ended from the success markers that evaluate and deploy
+    # write last (bincounter/runs.py), not from dsl.PipelineTaskFinalStatus: KFP backend 2.5.0
+    # cannot compile that. A step added after deploy must write a marker too, and cleanup expect it.
+    cleanup_task = _on_cluster(cleanup(engine=engine, work_uri=work_uri, run_id=run_id, deploy_model=deploy_model,
+                                       namespace=namespace, s3_endpoint_url=s3_endpoint_url), **on_cluster)
     cleanup_task.set_caching_options(False)
     with dsl.ExitHandler(cleanup_task, name="run-and-clean-up-on-failure"):
+        # First: the preflight stops a run that cannot work, with its table of checks. No S3 env:
+        # a missing Secret must show in the table, not keep the pod from starting.
+        check_task = check(engine=engine, namespace=namespace, s3_secret=s3_secret, use_trainjob=use_trainjob,
+                           tune_trials=tune_trials, deploy_model=deploy_model)
+        check_task.set_caching_options(False)
+        kubernetes.add_node_selector_json(check_task, step_node_selector)
+        kubernetes.add_toleration_json(check_task, step_tolerations)
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
             file_list=file_list, max_count=max_count, k_or_more=k_or_more, limit=limit, workers=download_workers,
             s3_endpoint_url=s3_endpoint_url), **on_cluster)
+        download_task.after(check_task)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
         download_task.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
@@ -135,7 +156,8 @@ def bincounter_pipeline(
             shards=split_task.outputs["shards"], model=train_task.outputs["model"], engine=engine,
             best_params=tune_task.outputs["best_params"], best_value=tune_task.outputs["best_value"],
             tune_gpu_hours=tune_task.outputs["gpu_hours"], train_gpu_hours=train_task.outputs["gpu_hours"],
-            price_per_gpu_hour=price_per_gpu_hour, spot=spot, s3_endpoint_url=s3_endpoint_url), **on_cluster)
+            price_per_gpu_hour=price_per_gpu_hour, spot=spot, s3_endpoint_url=s3_endpoint_url, work_uri=work_uri,
+            run_id=run_id), **on_cluster)
         evaluate_task.set_retry(num_retries=2, backoff_duration="60s")
         evaluate_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("8G").set_memory_limit("16G")
 
@@ -143,7 +165,8 @@ def bincounter_pipeline(
             deploy_task = _on_cluster(deploy(
                 model=train_task.outputs["model"], shards=split_task.outputs["shards"], engine=engine,
                 run_id=run_id, model_name=model_name, smoke_images=smoke_images, namespace=namespace,
-                image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret), **on_cluster)
+                image_tag=image_tag, s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret, work_uri=work_uri),
+                **on_cluster)
             deploy_task.after(evaluate_task)  # deploy only a model that has been evaluated
             deploy_task.set_caching_options(False)
             deploy_task.set_retry(num_retries=2, backoff_duration="30s")

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_BUCKET = "abid-demo-source"
 WORK_BUCKET = "bincounter-demo-work"
-STAGES = ("download", "split", "tune", "train", "evaluate", "deploy", "cleanup")
+STAGES = ("check", "download", "split", "tune", "train", "evaluate", "deploy", "cleanup")
 
 # name -> (default, help): the demo's small configuration.
 DEMO_DEFAULTS: dict[str, tuple[Any, str]] = {

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 S3_PREFIX = "s3://"
+# A folder with one file per optional S3 setting (a pipeline step mounts the S3 Secret there):
+# KFP backend 2.5.0 cannot map an optional Secret key to an env variable, so pipeline.py maps only
+# the credentials and the endpoint and region come from these files when present.
+S3_SETTINGS_DIR_ENV = "BINCOUNTER_S3_SETTINGS_DIR"
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -52,9 +57,20 @@ def s3_client(endpoint_url: str | None = None, unsigned: bool = False, max_attem
     cached (they are thread-safe and costly to create), keyed on the endpoint and the credential
     variables as they are *now*, so changing the environment later gets a matching client.
     """
+    _load_s3_settings()
     env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return _client(endpoint_url or env_endpoint or None, unsigned, max_attempts,
                    os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+
+
+def _load_s3_settings() -> None:
+    """Set each S3_SETTINGS variable that is not set yet from its file in $BINCOUNTER_S3_SETTINGS_DIR
+    (a missing file or folder is fine: AWS S3 itself needs neither setting)."""
+    folder = os.environ.get(S3_SETTINGS_DIR_ENV)
+    for name in S3_SETTINGS if folder else ():
+        path = Path(folder, name)
+        if name not in os.environ and path.is_file() and path.read_text().strip():
+            os.environ[name] = path.read_text().strip()
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,32 +7,51 @@ from bincounter.images import image  # compile time only: the image name, from i
 
 @dsl.component(base_image=image("pipeline"), install_kfp_package=False)
 def cleanup(
-    status: dsl.PipelineTaskFinalStatus,
     engine: str,
+    work_uri: str,
     run_id: str,
+    deploy_model: bool = True,
     namespace: str = "",
+    s3_endpoint_url: str = "",
 ):
     """After the run: when it did not succeed, stop its jobs, Experiments and processes.
 
-    Runs as the pipeline's ``dsl.ExitHandler`` task, so it runs whether the
-    steps succeeded, failed or were cancelled. On success it leaves everything
-    (the deployed model keeps serving; finished jobs expire by their TTL). On
-    failure it deletes this run's PyTorchJob/TrainJob and Katib Experiment
-    (``kubernetes``) or stops this run's processes (``local``). The
+    Runs as the pipeline's ``dsl.ExitHandler`` task, after the steps whatever their
+    outcome. It learns that the run succeeded from the markers the final steps
+    write in the working store (``bincounter/runs.py``: evaluate, and deploy when
+    ``deploy_model``), not from ``dsl.PipelineTaskFinalStatus``, which KFP backend
+    2.5.0 cannot compile. On success it leaves everything (the deployed model keeps
+    serving; finished jobs expire by their TTL). Otherwise it deletes this run's
+    Katib Experiment and PyTorchJob/TrainJob (``kubernetes``) or stops this run's
+    processes (``local``). A working store it cannot read counts as "not
+    succeeded": a GPU job left running costs more than a finished one deleted. The
     InferenceService is never deleted here: it may be serving the previous model.
 
     Args:
-        status: The final status of the run's steps (set by KFP).
         engine: ``kubernetes`` or ``local``.
+        work_uri: Working store prefix, where the final steps leave their markers.
         run_id: The pipeline run id whose leftovers to delete.
+        deploy_model: Whether the run deploys, i.e. whether deploy is one of the final steps.
         namespace: Namespace of the jobs; empty: the namespace this step runs in.
+        s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
     """
-    from bincounter import engines
+    import os
+
+    from bincounter import engines, runs
 
     engines.check_engine(engine)
-    print(f"run {run_id}: {status.state}" + (f" ({status.error_message})" if status.error_message else ""))
-    if status.state == "SUCCEEDED":
+    if s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    final_steps = ["evaluate", "deploy"] if deploy_model else ["evaluate"]
+    try:
+        missing = runs.missing_markers(work_uri, run_id, final_steps)
+    except Exception as e:  # unreadable store: clean up rather than leave GPUs running
+        missing = final_steps
+        print(f"run {run_id}: cannot read its success markers under {work_uri} ({e})")
+    if not missing:
+        print(f"run {run_id}: succeeded ({', '.join(final_steps)} finished); nothing to clean up")
         return
+    print(f"run {run_id}: failed or cancelled (not finished: {', '.join(missing)}); cleaning up")
     if engine == "local":
         from bincounter.engines import local
 

@@ -23,6 +23,7 @@ def deploy(
     deadline_minutes: int = 30,
     s3_endpoint_url: str = "",
     s3_secret: str = "bincounter-s3",
+    work_uri: str = "",
 ) -> NamedTuple("Outputs", [("endpoint", str), ("handle", str), ("predictions", list)]):
     """Serve the model and check it answers: a prediction for ``smoke_images`` test images.
 
@@ -46,6 +47,7 @@ def deploy(
         deadline_minutes: Give up after this long waiting for readiness.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         s3_secret: Secret with the S3 credentials, for KServe's storage initializer.
+        work_uri: Working store prefix, for the run's success marker (empty: no marker).
 
     Returns:
         endpoint: Base URL of the model server.
@@ -58,7 +60,7 @@ def deploy(
     import os
     from collections import namedtuple
 
-    from bincounter import engines
+    from bincounter import engines, runs
     from bincounter.data import shards as shards_lib
     from bincounter.serving import client
 
@@ -98,4 +100,6 @@ def deploy(
             predictions.append({"id": s.id, "true_count": s.count, "count": r.count,
                                 "confidence": round(r.confidence, 4)})
             print(f"bin {s.id}: predicted {r.count} (confidence {r.confidence:.2f}), true {s.count}")
+    if work_uri:  # last: the exit handler reads it as "deploy finished" (bincounter/runs.py)
+        runs.mark_succeeded(work_uri, run_id, "deploy", endpoint=deployment.url)
     return namedtuple("Outputs", ["endpoint", "handle", "predictions"])(deployment.url, deployment.handle, predictions)

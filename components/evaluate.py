@@ -23,6 +23,8 @@ def evaluate(
     spot: bool = True,
     batch_size: int = 64,
     s3_endpoint_url: str = "",
+    work_uri: str = "",
+    run_id: str = "",
 ):
     """Evaluate on the test split, in this step's own container, for both engines.
 
@@ -47,6 +49,8 @@ def evaluate(
         spot: Whether the GPUs were spot (preemptible) capacity: which kind of price ``price_per_gpu_hour`` is.
         batch_size: Images per forward pass.
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
+        work_uri: Working store prefix, for the run's success marker (empty: no marker).
+        run_id: The pipeline run id the marker is for.
     """
     import json
     import os
@@ -54,6 +58,7 @@ def evaluate(
 
     from bincounter import evaluate as evaluate_lib
     from bincounter import report as report_lib
+    from bincounter import runs
     from bincounter.data import shards as shards_lib
 
     start = time.monotonic()
@@ -76,3 +81,5 @@ def evaluate(
     metrics.metadata["seconds"] = round(time.monotonic() - start, 2)
     print(evaluate_lib.summary_line(result))
     print(json.dumps({k: result[k] for k in ("class_names", "confusion_matrix")}))
+    if work_uri:  # last: the exit handler reads it as "evaluate finished" (bincounter/runs.py)
+        runs.mark_succeeded(work_uri, run_id, "evaluate")

@@ -383,6 +383,19 @@ class K8sDouble:
         """Serve more REST paths: fn(double, method, parts, query, body) -> (code, body, content type)."""
         self.routes.append((method, path_prefix.rstrip("/"), fn))
 
+    def seed(self, obj: dict) -> None:
+        """Store a core object (Secret, ServiceAccount, ConfigMap) as the API server returns it:
+        a Secret's stringData becomes base64 data."""
+        import base64
+
+        obj = copy.deepcopy(obj)
+        if obj["kind"] == "Secret" and "stringData" in obj:
+            obj.setdefault("data", {}).update(
+                {k: base64.b64encode(v.encode()).decode() for k, v in obj.pop("stringData").items()})
+        plural = {"Secret": "secrets", "ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps"}[obj["kind"]]
+        self.put_object(obj, plural)
+        del self.objects[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])]["status"]
+
     def profile_namespace(self, name: str) -> None:
         """A Kubeflow profile namespace: the labels the release's profile controller sets."""
         self.namespaces[name] = dict(self.release.profile_labels if self.release else {})
@@ -396,7 +409,7 @@ class K8sDouble:
         meta = obj["metadata"]
         meta.update(generation=generation, resourceVersion=str(next(self._rv)), uid=str(uuid.uuid4()),
                     creationTimestamp=T0)
-        obj["status"] = status or {}
+        obj["status"] = status if status is not None else obj.get("status") or {}
         self.objects[(plural, meta["namespace"], meta["name"])] = obj
 
     # -- request handling
@@ -494,6 +507,14 @@ class K8sDouble:
             attrs = body["spec"]["resourceAttributes"]
             allowed = rel.installed(attrs.get("group", ""), attrs["resource"]) and self._granted(attrs)
             return 201, {**body, "status": {"allowed": allowed}}, json_t
+        if self.release and method == "GET" and parts[:2] == ["api", "v1"] and len(parts) in (4, 6) \
+                and parts[2] == "namespaces":
+            # Core reads are authorised like any request: by the identity's rules (rbac_rules).
+            ns, resource, name = (None, "namespaces", parts[3]) if len(parts) == 4 else (parts[3], parts[4], parts[5])
+            if resource in ("namespaces", "secrets", "serviceaccounts", "configmaps") and \
+                    not self._granted({"group": "", "resource": resource, "verb": "get", "name": name}):
+                return 403, self._status(403, "Forbidden", f'{resource} "{name}" is forbidden: User "system:serviceaccount:'
+                                         f'{ns or "-"}:default-editor" cannot get resource "{resource}"'), json_t
         if self.release and parts[0] == "apis" and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, plural, ns = parts[1], parts[5], parts[4]
             if not rel.installed(group, plural):

@@ -57,6 +57,8 @@ class Release:
     knative_features: dict[str, str]            # config-features flag -> enabled|disabled|allowed
 
     def installed(self, group: str, plural: str) -> bool:
+        if group == "":
+            return True  # the core API (pods, secrets, ...) is always served
         return any((g, p) == (group, plural) for g, _, p in {**self.kinds, **CORE_KINDS}.values())
 
     def resources(self) -> dict[tuple[str, str], list[tuple[str, str]]]:

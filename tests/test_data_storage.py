@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,26 @@ def test_client_follows_the_environment(s3_endpoint, monkeypatch):
     b = storage.s3_client()
     assert b is not a and b.meta.endpoint_url == "http://127.0.0.1:9"
     assert storage.s3_client(s3_endpoint).meta.endpoint_url == s3_endpoint  # explicit beats the env
+
+
+def test_a_pipeline_step_finds_the_endpoint_in_the_mounted_secret(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    # A step pod as pipeline.py configures it, on KFP backend 2.5.0 too: the credentials as env,
+    # the S3 Secret mounted as files. This Secret has the endpoint but no region key: no file.
+    secret = tmp_path / "s3-secret"
+    secret.mkdir()
+    (secret / "AWS_ACCESS_KEY_ID").write_text("testing")
+    (secret / "AWS_ENDPOINT_URL").write_text(s3_endpoint + "\n")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv(storage.S3_SETTINGS_DIR_ENV, str(secret))
+    storage.s3_client.cache_clear()
+    try:
+        storage.write_bytes(f"s3://{s3_bucket}/k", b"through the endpoint from the file")
+        assert storage.read_bytes(f"s3://{s3_bucket}/k") == b"through the endpoint from the file"
+        assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
+        # An explicit setting wins over the file (a step's s3_endpoint_url parameter sets the env).
+        (secret / "AWS_DEFAULT_REGION").write_text("eu-west-1")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        storage.s3_client()
+        assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+    finally:
+        storage.s3_client.cache_clear()

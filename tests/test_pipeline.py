@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import components  # noqa: E402
 import pipeline  # noqa: E402
-from bincounter import images  # noqa: E402
+from bincounter import images, storage  # noqa: E402
+from bincounter.k8s import objects  # noqa: E402
 
 STAGES = ("download", "split", "tune", "train", "evaluate", "deploy")
 
@@ -48,14 +49,16 @@ def test_compiled_pipeline_loads_into_kfp_protobufs(docs):
     assert msg.pipeline_info.name == "bincounter"
     platform_msg = json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     executors = platform_msg.platforms["kubernetes"].deployment_spec.executors  # name -> Struct
-    for stage in STAGES:
+    for stage in (*STAGES, "cleanup"):
         config = json_format.ParseDict(json_format.MessageToDict(executors[f"exec-{stage}"]),
                                        kubernetes_executor_config_pb2.KubernetesExecutorConfig())
-        # S3 credentials from the Secret named by the s3_secret parameter, endpoint/region optional.
-        assert [s.optional for s in config.secret_as_env] == [False, True]
-        assert {k.env_var for s in config.secret_as_env for k in s.key_to_env} == {
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}
+        # S3 credentials as env from the Secret named by the s3_secret parameter; the whole
+        # Secret as files, for the optional endpoint and region.
+        assert {k.env_var for s in config.secret_as_env for k in s.key_to_env} == set(pipeline.S3_REQUIRED_KEYS)
         assert config.secret_as_env[0].secret_name_parameter.component_input_parameter.endswith("s3_secret")
+        [volume] = config.secret_as_volume
+        assert volume.secret_name_parameter.component_input_parameter.endswith("s3_secret")
+        assert volume.mount_path == pipeline.S3_SETTINGS_DIR
         assert config.node_selector.node_selector_json.component_input_parameter.endswith("step_node_selector")
         assert config.tolerations[0].toleration_json.component_input_parameter.endswith("step_tolerations")
 
@@ -63,7 +66,7 @@ def test_compiled_pipeline_loads_into_kfp_protobufs(docs):
 def test_every_step_runs_in_the_pipeline_image(docs):
     spec, _ = docs
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "cleanup", "audit-test-split")}
+    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "check", "cleanup", "audit-test-split")}
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == images.image("pipeline", registry_=images.DEFAULT_REGISTRY,
@@ -100,11 +103,20 @@ def test_wiring_caching_retries_and_exit_handler(docs):
     for name in ("download", "split", "train", "evaluate", "deploy"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1, name
     assert "retryPolicy" not in tasks["tune"]  # a Katib search is not retried blindly
-    # The cleanup task is the exit handler: it runs after everything, whatever the outcome,
-    # and receives the final status.
+    # The cleanup task is the exit handler: it runs after everything, whatever the outcome, and
+    # reads the success markers that evaluate and deploy leave in the same run folder.
     cleanup = tasks["cleanup"]
     assert cleanup["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
-    assert "taskFinalStatus" in cleanup["inputs"]["parameters"]["status"]
+    assert cleanup["dependentTasks"] == ["exit-handler-1"]
+    params = cleanup["inputs"]["parameters"]
+    assert params["work_uri"] == {"componentInputParameter": "work_uri"}
+    assert params["deploy_model"] == {"componentInputParameter": "deploy_model"}
+    run_id = params["run_id"]["runtimeValue"]["constant"]
+    assert run_id == "{{$.pipeline_job_uuid}}"
+    for name in ("evaluate", "deploy"):
+        marker_inputs = tasks[name]["inputs"]["parameters"]
+        assert marker_inputs["work_uri"]["componentInputParameter"].endswith("work_uri"), name
+        assert marker_inputs["run_id"]["runtimeValue"]["constant"] == run_id, name
     # Data flow: the split feeds tune, train, evaluate and deploy; the model feeds evaluate and deploy.
     for name in ("tune", "train", "evaluate", "deploy"):
         assert _producer(tasks[name]["inputs"]["artifacts"]["shards"]) == "split", name
@@ -116,6 +128,49 @@ def test_wiring_caching_retries_and_exit_handler(docs):
     condition = next(t for t in tasks.values() if "deploy_model" in t.get("triggerPolicy", {}).get("condition", ""))
     assert "evaluate" in condition["dependentTasks"]
     assert "deploy" in spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_nothing_that_kfp_backend_2_5_0_cannot_run(docs):
+    """Kubeflow 1.10.2 ships KFP backend 2.5.0; one pipeline.yaml must run there and on 2.15.0.
+
+    kubeflow/pipelines at 2.5.0:
+    - backend/src/v2/compiler/argocompiler/dag.go, ``addImplicitDependencies``: a task input of
+      kind ``taskFinalStatus`` fails the compile with "task final status not supported yet"
+      (2.14 compiles exit tasks as Argo exit hooks and accepts it).
+    - backend/src/v2/driver/driver.go, ``extendPodSpecPatch``: each ``secretAsEnv`` key becomes a
+      ``SecretKeySelector`` with only name and key; the executor config is parsed with unknown
+      fields discarded (backend/src/common/util/json.go ``UnmarshalString``), so an
+      ``optional: true`` is dropped and a key missing from the Secret stops the pod.
+    """
+    spec, platform = docs
+    assert set(storage.S3_SETTINGS) == set(objects.S3_OPTIONAL_KEYS)  # what the steps read = the Secret's optional keys
+    final_status = [k for k, v in _walk(spec) if k == "taskFinalStatus" or v == "TASK_FINAL_STATUS"]
+    assert not final_status, "a taskFinalStatus input: KFP backend 2.5.0 cannot compile the pipeline"
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers = spec["deploymentSpec"]["executors"]
+    for name, config in executors.items():
+        for mapping in config.get("secretAsEnv", []):
+            assert not mapping.get("optional"), f"{name}: an optional secret-as-env mapping is required on 2.5.0"
+            keys = {k["secretKey"] for k in mapping["keyToEnv"]}
+            assert keys <= set(pipeline.S3_REQUIRED_KEYS), f"{name}: maps {keys}, which a user's Secret may lack"
+        if name == "exec-check":
+            # The preflight reads no S3 and mounts no Secret: a missing Secret is a row of its table.
+            assert "secretAsEnv" not in config and "secretAsVolume" not in config
+            continue
+        # The optional settings arrive as files of the mounted Secret, where the code looks for them.
+        [volume] = config["secretAsVolume"]
+        env = {e["name"]: e["value"] for e in containers[name]["container"].get("env", [])}
+        assert env[storage.S3_SETTINGS_DIR_ENV] == volume["mountPath"], name
 
 
 def test_pipeline_parameters_have_defaults(docs):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bincounter import search_space, storage
+from bincounter import runs, search_space, storage
 from bincounter.data.synth import synthesize
 from bincounter.demo import demo_params, run_local_pipeline
 from bincounter.engines import local as local_engine
@@ -49,7 +49,7 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
     run_dir, outputs, seconds = run_local_pipeline(tmp_path / "root", **_params(s3_endpoint, buckets))
     deployed = outputs["deploy"]["parameterValues"]
     try:
-        assert set(outputs) == {"download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
+        assert set(outputs) == {"check", "download", "split", "tune", "train", "evaluate", "deploy", "cleanup"}
         assert set(seconds) >= {"download", "split", "tune", "train", "evaluate", "deploy"}
 
         # download -> split: every synthetic bin landed in exactly one split, in the working store.
@@ -94,6 +94,10 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         [answer] = client.predict([jpeg], url=deployed["endpoint"])
         assert 0 <= answer.count <= TINY["max_count"]
         assert len(answer.probabilities) == TINY["max_count"] + 1
+
+        # The exit handler read the success markers that evaluate and deploy left, and stopped nothing.
+        run_id = shards["metadata"]["uri"].split("/runs/", 1)[1].split("/")[0]
+        assert runs.missing_markers(f"s3://{buckets['work']}", run_id, ["evaluate", "deploy"]) == []
     finally:
         local_engine.stop_server(deployed["handle"])
     assert not local_engine._alive(int(deployed["handle"]))
@@ -110,7 +114,8 @@ def test_a_failed_run_fails_with_the_reason_and_runs_the_exit_handler(s3_endpoin
         run_local_pipeline(tmp_path / "root", **params)
     out = capfd.readouterr().out
     assert "Unknown training arguments ['--wrokers', '0']" in out
-    assert ": FAILED" in out  # printed by the cleanup (exit handler) task with the run's final state
+    # Printed by the cleanup (exit handler) task, which found no success marker of the run.
+    assert "failed or cancelled (not finished: evaluate, deploy); cleaning up" in out
     [run_dir] = [p for p in (tmp_path / "root").iterdir() if p.is_dir()]
     assert (run_dir / "cleanup" / "executor_output.json").is_file()
     assert not (run_dir / "train").exists()

@@ -1,10 +1,12 @@
-"""`bincounter k8s train|tune|deploy`: run a stage on a Kubernetes cluster and wait for it.
+"""`bincounter k8s check|train|tune|deploy`: check a cluster, or run a stage on it and wait for it.
 
+    bincounter k8s check --namespace kubeflow-user-example-com
     bincounter k8s train --data s3://b/split --output s3://b/models/m1 --workers 2 --gpus-per-worker 1 -- --epochs 10
     bincounter k8s tune --data s3://b/split --trials-uri s3://b/tuning --max-trials 12 -- --epochs 3
     bincounter k8s deploy --storage-uri s3://b/models/m1
 
-Arguments after ``--`` go to ``bincounter.train`` unchanged. The result (model URI,
+``check`` prints one row per preflight check (bincounter.k8s.check) and exits 1 when one
+fails. Arguments after ``--`` go to ``bincounter.train`` unchanged. The result (model URI,
 best hyperparameters, endpoint URL) is printed as JSON on the last line, and
 written to --result-json when given.
 """
@@ -16,7 +18,7 @@ import json
 import pathlib
 import sys
 
-from bincounter.k8s import launchers, objects as o
+from bincounter.k8s import check, launchers, objects as o
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -75,7 +77,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="bincounter k8s", description=__doc__.splitlines()[0], add_help=add_help,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{train,tune,deploy}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{check,train,tune,deploy}")
+
+    p = sub.add_parser("check", help="preflight: is this cluster and namespace ready for a run?", formatter_class=fmt)
+    p.add_argument("--namespace", default=None,
+                   help="namespace to check (default: the kubeconfig context's, else bincounter)")
+    p.add_argument("--s3-secret", default=o.S3_SECRET, help="Secret with the S3 credentials")
+    p.add_argument("--training", choices=check.TRAINING_CHOICES, default="auto",
+                   help="training API the run will use (auto: PyTorchJob if installed, else TrainJob)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True, help="the run tunes (Katib)")
+    p.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=True, help="the run deploys (KServe)")
+    p.add_argument("--deployment-mode", choices=o.DEPLOYMENT_MODES, default="Serverless", help="KServe deployment mode")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
 
     p = sub.add_parser("train", help="run a PyTorchJob or TrainJob to completion", formatter_class=fmt)
     p.add_argument("--data", required=True, help="split folder URI (s3://...) written by bincounter split")
@@ -99,8 +113,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--storage-uri", required=True, help="model folder URI (s3://...) to serve")
     p.add_argument("--min-replicas", type=int, default=1, help="minimum predictor replicas (0 scales to zero)")
     p.add_argument("--max-replicas", type=int, default=3, help="maximum predictor replicas")
-    p.add_argument("--scale-metric", choices=("concurrency", "rps", "cpu", "memory"), default="concurrency",
-                   help="autoscaling metric")
+    p.add_argument("--scale-metric", choices=("concurrency", "rps", "cpu", "memory"), default=None,
+                   help="autoscaling metric (default: concurrency for Serverless, cpu for RawDeployment)")
+    p.add_argument("--deployment-mode", choices=o.DEPLOYMENT_MODES, default="Serverless",
+                   help="KServe deployment mode; RawDeployment allows --node-selector/--toleration (GPU nodes)")
     p.add_argument("--scale-target", type=int, default=8, help="autoscaling target per replica")
     _common(p, o.MODEL_NAME, 1800, 5, True)
     _resources(p, "1", "2Gi", training=False)
@@ -133,10 +149,22 @@ def tune_kwargs(args) -> dict:
 
 def deploy_kwargs(args) -> dict:
     return dict(storage_uri=args.storage_uri, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                scale_metric=args.scale_metric, scale_target=args.scale_target, **_common_kwargs(args))
+                scale_metric=args.scale_metric, scale_target=args.scale_target,
+                deployment_mode=args.deployment_mode, **_common_kwargs(args))
+
+
+def run_check(args: argparse.Namespace, api_client=None) -> int:
+    client = api_client or launchers.load_api_client(args.kubeconfig, args.context)
+    rows = check.run_checks(launchers.resolve_namespace(args.namespace), api_client=client, s3_secret=args.s3_secret,
+                            training=args.training, tune=args.tune, deploy=args.deploy,
+                            deployment_mode=args.deployment_mode)
+    print(check.format_table(rows))
+    return 1 if check.failed(rows) else 0
 
 
 def main(args: argparse.Namespace, api_client=None) -> int:
+    if args.stage == "check":
+        return run_check(args, api_client)
     run, kwargs = {"train": (launchers.train, train_kwargs), "tune": (launchers.tune, tune_kwargs),
                    "deploy": (launchers.deploy, deploy_kwargs)}[args.stage]
     client = api_client or launchers.load_api_client(args.kubeconfig, args.context)

@@ -492,19 +492,28 @@ def run_labels(run_id: str) -> dict[str, str]:
 
 
 def cleanup_run(run_id: str, namespace: str = o.DEFAULT_NAMESPACE, *,
-                kinds: Sequence[str] = ("PyTorchJob", "TrainJob", "Experiment"),
+                kinds: Sequence[str] = ("Experiment", "PyTorchJob", "TrainJob"),
                 api_client: k8s.ApiClient | None = None, log: Log = print_flush) -> list[str]:
     """Delete what a failed or cancelled pipeline run left behind: every object of kinds
     labelled with run_id (see run_labels). InferenceServices are not in the default
     kinds: a failed run must not take down a model that is serving. Returns "Kind/name"s.
-    A cluster without one of the CRDs (Trainer v2 not installed) is skipped, not an error."""
+
+    Experiments go first: Katib would otherwise create new trial jobs for the ones deleted.
+    A kind the cluster does not serve is skipped, whether the API answers 404 (no CRD) or
+    403: inside Kubeflow a profile's ServiceAccount gets its rights on a kind from the
+    ClusterRole the kind's operator ships with the ``rbac.authorization.kubeflow.org/
+    aggregate-to-kubeflow-edit`` label (kubeflow/manifests, e.g. applications/volumes-web-app/
+    upstream/base/cluster-role.yaml); with the operator not installed (the Training Operator is
+    optional on 1.11.0, Trainer v2 absent on 1.10.2) nothing grants the kind, and the API
+    server's authorizer answers 403 before any lookup could answer 404."""
     cluster = Cluster(api_client)
     deleted = []
     for kind in kinds:
         try:
             items = cluster.list(o.CUSTOM_KINDS[kind], namespace, f"{o.RUN_LABEL}={run_id}")
         except ApiException as e:
-            if e.status == 404:
+            if e.status in (403, 404):
+                log(f"skipped {kind}: {'not served' if e.status == 404 else 'not permitted'} in {namespace}")
                 continue
             raise
         for item in items:
