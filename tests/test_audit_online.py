@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,19 +19,10 @@ from bincounter.model import ModelConfig, build_model, load_model_dir, save_mode
 from bincounter.presets import eval_transform
 from bincounter.serving import client
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "bincounter"
 V1 = f"/v1/models/{NAME}:predict"
 V2 = f"/v2/models/{NAME}/infer"
 THRESHOLD = 0.3
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,31 +37,15 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def url(model_dir, tmp_path_factory):
-    port = _free_port()
+    """A real ``bincounter serve`` on 127.0.0.1 (a free port), as the local engine starts it."""
+    from bincounter.engines import local
+
     log = tmp_path_factory.mktemp("online-server") / "server.log"
-    cmd = [sys.executable, "-m", "bincounter.cli", "serve", "--model", model_dir, "--model-name", NAME,
-           "--port", str(port), "--runtime", "eager", "--enable_latency_logging", "false", "--torch-threads", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
+    deployment = local.start_server(model_dir, model_name=NAME, log_path=str(log))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield base
+        yield deployment.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        local.stop_server(deployment)
 
 
 @pytest.fixture(scope="module")
