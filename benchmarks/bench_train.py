@@ -60,13 +60,13 @@ def plain_loop(model, batches, device, amp: bool = False, channels_last: bool = 
 
 
 def bincounter_loop(model, batches, device, cfg: tr.TrainConfig) -> float:
-    opt = tr.make_optimizer(model, cfg)
+    opt = tr.make_optimizer(model, cfg, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.amp_dtype_for(device) == torch.float16)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    tr.train_one_epoch(model, batches[:2], criterion, opt, scaler, device, 0, cfg, len(batches))  # warm-up
+    tr.train_one_epoch(model, batches[:2], criterion, opt, scaler, device, 0, cfg, len(batches), cfg.lr)  # warm-up
     _sync(device)
     start = time.perf_counter()
-    row = tr.train_one_epoch(model, batches[2:], criterion, opt, scaler, device, 0, cfg, len(batches))
+    row = tr.train_one_epoch(model, batches[2:], criterion, opt, scaler, device, 0, cfg, len(batches), cfg.lr)
     _sync(device)
     return row["train-samples"] / (time.perf_counter() - start)
 
@@ -88,13 +88,13 @@ def data_loop(model, split_root: str, device, cfg: tr.TrainConfig, steps: int) -
                     break
                 yield b
 
-    opt = tr.make_optimizer(model, cfg)
+    opt = tr.make_optimizer(model, cfg, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.amp_dtype_for(device) == torch.float16)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    tr.train_one_epoch(model, Limited(), criterion, opt, scaler, device, 0, cfg, steps)  # workers start, warm-up
+    tr.train_one_epoch(model, Limited(), criterion, opt, scaler, device, 0, cfg, steps, cfg.lr)  # workers start, warm-up
     _sync(device)
     start = time.perf_counter()
-    row = tr.train_one_epoch(model, Limited(), criterion, opt, scaler, device, 0, cfg, steps)
+    row = tr.train_one_epoch(model, Limited(), criterion, opt, scaler, device, 0, cfg, steps, cfg.lr)
     _sync(device)
     seconds = time.perf_counter() - start
     # Stop the persistent workers now, not in a later fork that inherits this loader.

@@ -167,7 +167,8 @@ def demo_params(s3_url: str, cfg: dict[str, Any]) -> dict[str, Any]:
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
         # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
         # Half an epoch of warmup: one-epoch tuning trials warm up for half of it.
-        # A higher lr than the recipe's (tiny network from scratch, global batch 64).
+        # A fixed peak lr, higher than the recipe's (a tiny network from scratch at global batch 64);
+        # it overrides the tuned --base-lr, so the demo's trials tune the other searched flags.
         extra_train_args=["--workers", "0", "--warmup-epochs", "0.5", "--lr", "2e-3"],
         workers=cfg["processes"], gpus_per_worker=0, tune_trials=cfg["tune_trials"], tune_parallelism=1,
         tune_max_failed_trials=1, tune_epochs=cfg["tune_epochs"], tune_gpus_per_trial=0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 import uuid
@@ -29,6 +30,8 @@ from bincounter import storage
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_v2_s")
 # How class probabilities become one count (``decode``); training picks one on validation.
 DECODINGS = ("argmax", "median", "expected")
+# The counting head: "softmax" (K+1 independent logits) or "ordinal" (``OrdinalHead``).
+HEADS = ("softmax", "ordinal")
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +50,7 @@ class ModelConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     dropout: float = 0.0
+    head: str = "softmax"
     # The decoding chosen on validation (``decode``); "argmax" for folders written before it existed.
     decoding: str = "argmax"
     # Which weights model.pt holds: {"source": "model" | "ema", "epoch": N, "val-accuracy": ...}.
@@ -86,6 +90,8 @@ class ModelConfig:
         cfg = cls(**data)
         if cfg.arch not in ARCHITECTURES:
             raise ValueError(f"Invalid arch {cfg.arch!r} in {CONFIG_FILE}. Only {', '.join(ARCHITECTURES)} are supported.")
+        if cfg.head not in HEADS:
+            raise ValueError(f"Invalid head {cfg.head!r} in {CONFIG_FILE}. Only {', '.join(HEADS)} are supported.")
         if cfg.decoding not in DECODINGS:
             raise ValueError(f"Invalid decoding {cfg.decoding!r} in {CONFIG_FILE}. Only {', '.join(DECODINGS)} are supported.")
         cfg.mean, cfg.std = tuple(cfg.mean), tuple(cfg.std)
@@ -114,6 +120,34 @@ def decode(probs: torch.Tensor, method: str = "argmax") -> torch.Tensor:
         counts = torch.arange(probs.shape[1], dtype=probs.dtype, device=probs.device)
         return (probs * counts).sum(dim=1).round().long()
     raise ValueError(f"Invalid decoding {method!r}. Only {', '.join(DECODINGS)} are supported.")
+
+
+class OrdinalHead(nn.Module):
+    """An ordinal counting head: a cumulative-logit (proportional-odds) model, as CORAL's
+    rank-consistent form (Cao et al. 2020): one score per image, K ordered thresholds,
+    P(count > k) = sigmoid(score + t_k) with t_0 > t_1 > ... (so the probabilities never cross).
+
+    ``forward`` returns log class probabilities, so ``softmax`` of the output gives the class
+    probabilities and cross-entropy is the model's likelihood: training, evaluation, serving
+    and audit use it exactly as the softmax head, with no special case.
+    """
+
+    def __init__(self, features: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"An ordinal head needs at least 2 classes, got {num_classes}")
+        self.dropout = nn.Dropout(p=dropout)
+        self.score = nn.Linear(features, 1)
+        # Thresholds start one logit apart around 0; gaps pass through softplus to stay > 0.
+        self.first = nn.Parameter(torch.tensor([(num_classes - 2) / 2.0]))
+        self.gaps = nn.Parameter(torch.full((num_classes - 2,), math.log(math.e - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.score(self.dropout(x)).float()  # fp32 even under autocast: differences of sigmoids
+        thresholds = torch.cat([self.first, self.first - torch.cumsum(nn.functional.softplus(self.gaps), 0)])
+        above = torch.sigmoid(z + thresholds)  # [N, K]: P(count > k), decreasing in k
+        cum = torch.cat([torch.ones_like(z), above, torch.zeros_like(z)], dim=1)
+        return torch.log((cum[:, :-1] - cum[:, 1:]).clamp_min(1e-12))
 
 
 def _head(model: nn.Module, arch: str) -> tuple[nn.Module, str, int]:
@@ -150,15 +184,18 @@ def _arch_of(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: str | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: str | None = None,
+                head: str = "softmax") -> nn.Module:
     """A torchvision network with its ImageNet classifier replaced: dropout, then a linear layer
     over ``num_classes`` counts (ResNet: ``fc``; ConvNeXt and EfficientNet: the classifier's last layer).
 
     ``pretrained`` is ``"imagenet"`` for torchvision's current best ImageNet weights (``DEFAULT``:
     IMAGENET1K_V2 for ResNet-50, downloaded once into the torch hub cache; needs the internet),
     or a local path / ``s3://`` URI of an ImageNet ``state_dict`` of the same architecture
-    (``read_state_dict`` formats). ``None`` starts from scratch.
+    (``read_state_dict`` formats). ``None`` starts from scratch. ``head``: ``HEADS``.
     """
+    if head not in HEADS:
+        raise ValueError(f"Invalid head {head!r}. Only {', '.join(HEADS)} are supported.")
     if arch not in ARCHITECTURES:
         raise ValueError(f"Invalid architecture {arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
     factory = getattr(torchvision.models, arch)
@@ -177,7 +214,10 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: s
                                  f"Pass --arch {found} or weights for {arch}." if found else
                                  f"Weights file {pretrained} is {what}; the architecture is {arch}.") from None
     parent, name, features = _head(model, arch)
-    setattr(parent, name, nn.Sequential(nn.Dropout(p=dropout), nn.Linear(features, num_classes)))
+    if head == "ordinal":
+        setattr(parent, name, OrdinalHead(features, num_classes, dropout))
+    else:
+        setattr(parent, name, nn.Sequential(nn.Dropout(p=dropout), nn.Linear(features, num_classes)))
     return model
 
 
@@ -217,7 +257,7 @@ def load_model_dir(src: str | os.PathLike, device: str | torch.device = "cpu") -
     weights_uri = storage.join(src, WEIGHTS_FILE)
     if not storage.exists(weights_uri):
         raise FileNotFoundError(f"No {WEIGHTS_FILE} in model folder {src}; the folder is incomplete.")
-    model = build_model(config.arch, config.num_classes, config.dropout)
+    model = build_model(config.arch, config.num_classes, config.dropout, head=config.head)
     state = torch.load(io.BytesIO(storage.read_bytes(weights_uri)), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -89,6 +89,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05  # decoupled (AdamW); on conv/linear weights, not on norms and biases
     dropout: float = 0.0  # before the counting head
+    head: str = "softmax"  # counting head: softmax over K+1 counts, or ordinal (cumulative logit)
     label_smoothing: float = 0.1
     warmup_epochs: float = 2.0  # linear warmup, then cosine to 0; capped at half the epochs
     ema_epochs: float = 1.0  # weight EMA horizon in epochs (decay per step from it); 0: no EMA
@@ -112,7 +113,7 @@ class TrainConfig:
         if not self.data or not self.output:
             raise ValueError("Both data (a split folder) and output (the model folder) are required")
         for name, choices in (("arch", model_lib.ARCHITECTURES), ("optimizer", OPTIMIZERS), ("sync_bn", SYNC_BN),
-                              ("decoding", DECODING_CHOICES)):
+                              ("decoding", DECODING_CHOICES), ("head", model_lib.HEADS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"Invalid {name} {getattr(self, name)!r}. Only {', '.join(choices)} are supported.")
         for name in ("epochs", "batch_size", "max_count", "print_freq"):
@@ -430,7 +431,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     # Evaluation, serving and audit read the whole bin at the training size: no centre crop.
     model_cfg = model_lib.ModelConfig(arch=cfg.arch, max_count=cfg.max_count, k_or_more=cfg.k_or_more,
                                       input_size=cfg.input_size, resize_size=cfg.input_size, dropout=cfg.dropout,
-                                      train_args=dataclasses.asdict(cfg))
+                                      head=cfg.head, train_args=dataclasses.asdict(cfg))
     peak_lr = cfg.peak_lr(env.world_size)
     log.info("launcher=%s rank=%d/%d local_rank=%d device=%s pid=%d restart=%d", env.launcher, env.rank,
              env.world_size, env.local_rank, device, os.getpid(), env.restart_count)
@@ -459,7 +460,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
 
     # Model, optimiser and EMA, then the checkpoint if this run continues one.
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = model_lib.build_model(cfg.arch, model_cfg.num_classes, cfg.dropout, cfg.pretrained or None)
+    model = model_lib.build_model(cfg.arch, model_cfg.num_classes, cfg.dropout, cfg.pretrained or None, cfg.head)
     if use_sync_bn(cfg, env.world_size, device):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log.info("SyncBatchNorm: %d images per rank", cfg.batch_size)
@@ -608,6 +609,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--momentum", "SGD momentum (Nesterov)")
     add("--weight-decay", "decoupled weight decay on conv and linear weights")
     add("--dropout", "dropout before the counting head")
+    add("--head", "counting head: softmax over the K+1 counts, or ordinal (cumulative logit: one score, "
+                  "K ordered thresholds)", choices=model_lib.HEADS)
     add("--label-smoothing", "label smoothing of the training loss")
     add("--warmup-epochs", "epochs of linear warmup before the cosine decay (at most half of --epochs)")
     add("--ema-epochs", "weight EMA horizon in epochs; the EMA is validated each epoch and shipped when "

@@ -135,7 +135,7 @@ def test_our_namespace_gets_metrics_collector_injection(double, release, lines):
     ns = o.namespace("bincounter-ns")
     key, value = k8s_releases.release_profile(release).injection_label  # from Katib's webhooks.yaml
     assert ns["metadata"]["labels"].get(key) == value
-    best = {"lr": "0.002", "batch-size": "32", "optimizer": "adamw", "weight-decay": "0.0001", "dropout": "0.2"}
+    best = {"base-lr": "0.002", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
     double.namespaces[NS] = ns["metadata"]["labels"]  # the namespace our manifests create
     double.script("experiments", "tune1", kd.experiment_success(NS, "tune1", best, accuracy=0.6))
     assert _tune(double, lines)["best_hyperparameters"]["batch-size"] == 32
@@ -181,7 +181,7 @@ def test_trainjob_uses_the_installed_trainer_api(lines):
 
 
 def test_tuning_trials_are_trainjobs_where_pytorchjob_is_absent(double, release, lines):
-    best = {"lr": "0.002", "batch-size": "32", "optimizer": "adamw", "weight-decay": "0.0001", "dropout": "0.2"}
+    best = {"base-lr": "0.002", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
     double.script("experiments", "tune1", kd.experiment_success(NS, "tune1", best, accuracy=0.6))
     _tune(double, lines)
     exp = double.objects[("experiments", NS, "tune1")]

@@ -217,7 +217,7 @@ def test_cluster_path_on_each_release(tmp_path, monkeypatch, release):
         if kind == "TrainJob":
             assert "podTemplateOverrides" in job["spec"] and job["spec"]["trainer"]["numNodes"] == 2
 
-        best = {"lr": "0.002", "batch-size": "32", "optimizer": "adamw", "weight-decay": "0.0001", "dropout": "0.2"}
+        best = {"base-lr": "0.002", "batch-size": "32", "weight-decay": "0.05", "dropout": "0.2"}
         double.script("experiments", tune_name, kd.experiment_success(NS, tune_name, best, accuracy=0.5))
         tuning = dsl.Metrics(name="tuning", uri=str(tmp_path / "artifacts" / "tuning"), metadata={})
         components.tune.python_func(shards=_shards(tmp_path), tuning=tuning, engine="kubernetes",

@@ -60,6 +60,9 @@ def test_training_args_are_checked_by_the_trainers_parser():
                     "--epochs", "2", "--pretrained", "s3://b/w.pth", "--workers", "0"]
     with pytest.raises(ValueError, match=r"Unknown training arguments \['--wrokers', '0'\]"):
         engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=2, extra=["--wrokers", "0"])
+    # empty pretrained is passed on: from scratch, not the trainer's default download
+    scratch = engines.training_args(arch="resnet18", max_count=4, input_size=64, epochs=2)
+    assert scratch[scratch.index("--pretrained") + 1] == ""
     with pytest.raises(ValueError, match="invalid choice: 'resnet9'"):
         engines.training_args(arch="resnet9", max_count=4, input_size=64, epochs=2)
     with pytest.raises(ValueError, match="input_size <= resize_size"):  # the trainer's own combination check

@@ -195,3 +195,28 @@ def test_one_epoch_with_default_warmup_then_resume_refuses_changed_settings(synt
             tr.train(**{**small, **changed, "resume": True})
     again = tr.train(**{**small, "resume": True, "workers": 0, "print_freq": 7})  # operational: allowed
     assert again == final
+
+
+def test_ordinal_head_gives_ordered_probabilities_and_round_trips(tmp_path):
+    from bincounter import model as model_lib
+
+    torch.manual_seed(0)
+    head = model_lib.OrdinalHead(8, 6, dropout=0.0)
+    with torch.no_grad():
+        head.gaps.copy_(torch.randn(4))  # any values: softplus keeps the thresholds ordered
+        log_probs = head(torch.randn(5, 8) * 3)
+    probs = log_probs.exp()
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    above = 1 - probs.cumsum(dim=1)[:, :-1]  # P(count > k)
+    assert (above[:, 1:] <= above[:, :-1] + 1e-6).all()  # never crosses: rank-consistent
+    # softmax of the output is the same distribution, so serving and evaluation need no special case
+    torch.testing.assert_close(torch.softmax(log_probs, dim=1), probs)
+
+    cfg = model_lib.ModelConfig(arch="resnet18", max_count=5, input_size=64, resize_size=64, head="ordinal")
+    net = model_lib.build_model("resnet18", 6, head="ordinal").eval()
+    model_lib.save_model_dir(net, cfg, str(tmp_path / "m"))
+    loaded, loaded_cfg = model_lib.load_model_dir(tmp_path / "m")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    assert loaded_cfg.head == "ordinal" and isinstance(loaded.fc, model_lib.OrdinalHead)

@@ -71,10 +71,10 @@ def training_args(*, arch: str, max_count: int, input_size: int, epochs: int, pr
     items off and change the count). ``extra`` is passed through after a check against the trainer's own parser,
     so a misspelled flag fails here, before any job starts.
     """
+    # --pretrained always goes along: "" means from scratch, and the trainer's own default
+    # ("imagenet", a download) must not stand in for it.
     args = ["--arch", arch, "--max-count", str(max_count), "--input-size", str(input_size),
-            "--epochs", str(epochs)]
-    if pretrained:
-        args += ["--pretrained", pretrained]
+            "--epochs", str(epochs), "--pretrained", pretrained]
     args += [str(a) for a in extra]
     check_train_args(args)
     return args

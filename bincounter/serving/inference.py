@@ -25,7 +25,7 @@ from torch import nn
 from bincounter.calibration import probabilities
 from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
                                 DEFAULT_MAX_JPEG_SCANS, IMAGE_FORMATS, ImageError, ImageLimits, open_image)
-from bincounter.model import ModelConfig
+from bincounter.model import ModelConfig, decode
 from bincounter.presets import eval_transform
 
 RUNTIMES = ("eager", "torchscript", "onnx")
@@ -119,7 +119,9 @@ class Counter:
 
     def postprocess(self, probs: torch.Tensor) -> list[Prediction]:
         names = self.config.class_names
-        confidence, index = probs.max(dim=1)
+        # The decoding training chose on validation (config.json "decoding"; argmax for older folders).
+        index = decode(probs, self.config.decoding)
+        confidence = probs.gather(1, index[:, None])[:, 0]
         return [Prediction(count=int(k), label=names[int(k)], confidence=float(c), probabilities=p.tolist())
                 for k, c, p in zip(index, confidence, probs)]
 
