@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `components` next to
 
 from bincounter import images, storage  # noqa: E402
 from bincounter.k8s import objects  # noqa: E402
-from components import check, cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
+from components import audit_test_split, check, cleanup, deploy, download, evaluate, split, train, tune  # noqa: E402
 
 PIPELINE_FILE = Path(__file__).resolve().parent / "pipeline.yaml"
 # The S3 Secret's keys, as bincounter.k8s.objects.s3_secret writes them: the credentials are
@@ -100,6 +100,7 @@ def bincounter_pipeline(
     train_deadline_minutes: int = 1440,
     step_node_selector: dict = {},
     step_tolerations: list = [],
+    audit_test: bool = False,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     on_cluster = dict(s3_secret=s3_secret, node_selector=step_node_selector, tolerations=step_tolerations)
@@ -172,6 +173,13 @@ def bincounter_pipeline(
             deploy_task.after(evaluate_task)  # deploy only a model that has been evaluated
             deploy_task.set_caching_options(False)
             deploy_task.set_retry(num_retries=2, backoff_duration="30s")
+
+        with dsl.If(audit_test == True, name="audit-test-split-if-enabled"):  # noqa: E712 (a KFP condition)
+            audit_task = _on_cluster(audit_test_split(
+                shards=split_task.outputs["shards"], model=train_task.outputs["model"], engine=engine,
+                work_uri=work_uri, run_id=run_id, namespace=namespace, image_tag=image_tag,
+                s3_endpoint_url=s3_endpoint_url, s3_secret=s3_secret), **on_cluster)
+            audit_task.after(evaluate_task)
 
 
 def compile_pipeline(path: str | Path = PIPELINE_FILE) -> Path:

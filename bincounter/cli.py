@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "split": ("bincounter.data.split", "split a download into train/val/test WebDataset shards"),
     "train": ("bincounter.train", "train the counting model (run under torchrun for DDP)"),
     "evaluate": ("bincounter.evaluate", "evaluate a trained model on test shards"),
+    "audit": ("bincounter.audit.cli", "flag bins whose photo disagrees with the expected quantity"),
     "serve": ("bincounter.serving.server", "serve a model folder with the KServe model server"),
     "predict": ("bincounter.serving.client", "query a served model with images"),
     "tune": ("bincounter.engines.local", "tune hyperparameters locally with optuna"),

@@ -201,7 +201,9 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
               flush=True)
 
         work_uri = str((output / "work").resolve())
-        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg, work_uri))
+        # audit_test: the run ends with an audit of its test split, with injected discrepancies.
+        run_dir, outputs, seconds = run_local_pipeline(output / "pipeline-root", **demo_params(s3_url, cfg, work_uri),
+                                                       audit_test=True)
         split_uri = outputs["split"]["artifacts"]["shards"]["artifacts"][0]["metadata"]["uri"]
         split_table = split_summary_text(read_manifest(split_uri))
         deployed = outputs["deploy"]["parameterValues"]
@@ -230,6 +232,8 @@ def run_demo(output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
                         for p, c in zip(predictions, truth)],
         "report": str(report), "run_dir": str(run_dir), "summary": str(output / "summary.json"),
         "work_uri": work_uri, "run_id": Path(model_uri).parent.name, "model_uri": model_uri,
+        "audit": dict(outputs["audit-test-split"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]),
+        "audit_report": outputs["audit-test-split"]["artifacts"]["report"]["artifacts"][0]["uri"],
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -253,6 +257,11 @@ def print_summary(summary: dict[str, Any], cfg: dict[str, Any]) -> None:
     print(f"\nServed at {summary['endpoint']} (stopped now). Predictions:")
     for p in summary["predictions"]:
         print(f"  bin {p['id']}: counted {p['count']} (confidence {p['confidence']:.2f}), true {p['true_count']}")
+    a = summary["audit"]
+    print(f"\nAudit of the test split with injected discrepancies: {a['flagged']:.0f} of {a['bins']:.0f} bins flagged "
+          f"(p_expected < {a['threshold']:.2g}); precision={a.get('precision', 0):.3f} "
+          f"recall={a.get('recall', 0):.3f} f1={a.get('f1', 0):.3f} auroc={a.get('auroc', 0):.3f}")
+    print(f"Audit report: {summary['audit_report']}")
     print(f"\nRun report: {summary['report']}")
     print(f"Model: {summary['model_uri']}  (serve it again: bincounter serve --model {summary['model_uri']})")
     print(f"TensorBoard: tensorboard --logdir {summary['model_uri']}/tensorboard")

@@ -22,10 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from bincounter import plots, predictions, storage
+from bincounter import calibration, plots, predictions, storage
 
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
@@ -90,9 +91,11 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
              batch_size: int = 64, workers: int = 2, device: str = "auto", progress: bool = False) -> dict:
     """Run the model folder over one split of a split folder and return its metrics.
 
-    With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json`` and
-    ``confusion_matrix.png`` there, and the per-image ``predictions.csv`` and ``mistakes.png``
-    (bincounter.predictions). ``progress`` shows a progress bar with the total. Samples above the model's K are dropped, or
+    With ``output`` (folder or ``s3://`` prefix), also writes ``metrics.json``,
+    ``confusion_matrix.png`` and ``reliability.png`` there, and the per-image ``predictions.csv`` and
+    ``mistakes.png`` (bincounter.predictions). ``ece`` is the expected calibration error with the model's
+    temperature, ``ece_uncalibrated`` at T = 1 (``bincounter.calibration``). ``progress`` shows a progress
+    bar with the total. Samples above the model's K are dropped, or
     mapped to the last class when the model was trained with ``k_or_more``, as in training.
     """
     import torch
@@ -115,6 +118,7 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
     loader = make_loader(dataset, batch_size, workers, dev)
     k = cfg.num_classes
     cms = {m: torch.zeros(k, k, dtype=torch.int64) for m in model_lib.DECODINGS}
+    all_logits, all_targets = [], []  # for the calibration error (a few floats per sample)
     total = count_samples(shards.read_manifest(data), split, cfg.max_count, cfg.k_or_more)
     bar = tqdm(total=total, unit="img", desc=f"evaluate ({split})", disable=not progress)
     with torch.inference_mode(), bar:
@@ -123,20 +127,27 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
             images = images.to(dev, non_blocking=True)
             if dev.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            probs = net(images).float().softmax(dim=1).cpu()
+            logits = net(images).float().cpu()
+            probs = calibration.probabilities(logits, cfg.temperature)  # as serving and the audit see them
             for method, cm in cms.items():
                 cm += torch.bincount(targets * k + model_lib.decode(probs, method), minlength=k * k).view_as(cm)
+            all_logits.append(logits)
+            all_targets.append(targets)
     # Top level: the decoding the model ships with (config.json); all three side by side under "decodings".
     metrics = metrics_from_confusion(cms[cfg.decoding].numpy(), cfg.class_names)
     metrics["decodings"] = {m: {key: v for key, v in metrics_from_confusion(cm.numpy(), cfg.class_names).items()
                                 if key in ("accuracy", "rmse", "mae", "within1", "macro_f1")}
                             for m, cm in cms.items()}
     metrics.update(split=split, model=str(model_dir), data=str(data), decoding=cfg.decoding)
+    metrics.update(calibration.evaluation_figures(torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy(),
+                                                  cfg.temperature))
     if output:
         storage.write_bytes(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         storage.write_bytes(storage.join(output, CONFUSION_PNG),
                             plots.confusion(cms[cfg.decoding].numpy(), cfg.class_names,
                                             f"{split} ({cfg.decoding}): accuracy {metrics['accuracy']:.3f}"))
+        storage.write_bytes(storage.join(output, RELIABILITY_PNG), calibration.plot_reliability(
+            metrics["reliability_uncalibrated"], metrics["reliability"], f"{split}: reliability"))
         predictions.write_predictions(model_dir, data, output, split, batch_size=batch_size, progress=progress)
     return metrics
 
@@ -152,7 +163,7 @@ def decodings_table(metrics: dict) -> str:
 
 def summary_line(metrics: dict, prefix: str = "test") -> str:
     """``test-accuracy=0.5500 test-rmse=0.9300 ...``: the same name=value shape as the training lines."""
-    keys = ("accuracy", "rmse", "mae", "within1", "macro_f1")
+    keys = ("accuracy", "rmse", "mae", "within1", "macro_f1") + (("ece",) if "ece" in metrics else ())
     return " ".join(f"{prefix}-{k.replace('_', '-')}={metrics[k]:.4f}" for k in keys) + f" {prefix}-samples={metrics['samples']}"
 
 

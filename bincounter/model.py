@@ -58,6 +58,12 @@ class ModelConfig:
     # The training run that wrote the folder (what serving reports as model_version); save_model_dir
     # fills it in. Folders written before this field existed load with "".
     version: str = ""
+    # Softmax temperature fitted on the validation split at the end of training (bincounter.calibration);
+    # serving, evaluation and the audit divide the logits by it. 1.0: uncalibrated.
+    temperature: float = 1.0
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # ECE/NLL before and after, per bin
+    # The audit flags a bin when P(expected quantity) < this (bincounter audit, serving's expected_quantity).
+    audit_threshold: float = 0.1
     train_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -89,6 +95,8 @@ class ModelConfig:
         if cfg.decoding not in DECODINGS:
             raise ValueError(f"Invalid decoding {cfg.decoding!r} in {CONFIG_FILE}. Only {', '.join(DECODINGS)} are supported.")
         cfg.mean, cfg.std = tuple(cfg.mean), tuple(cfg.std)
+        if not (isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0):
+            raise ValueError(f"Invalid temperature {cfg.temperature!r} in {CONFIG_FILE}: must be a number > 0.")
         return cfg
 
 

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from bincounter import augment as augment_lib
 from bincounter import distributed as dist_utils
 from bincounter import model as model_lib
-from bincounter import errors, presets, storage
+from bincounter import calibration, errors, presets, storage
 from bincounter.data import shards
 from bincounter.data.loader import ShardDataset, count_samples, make_loader, shard_sample_counts
 from bincounter.evaluate import metrics_from_confusion
@@ -558,9 +558,9 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
     if main_process:
         writer.close()
         tb_dir.sync()
-        # (insertion point: post-training calibration of the shipped weights goes here)
         weights = torch.load(io.BytesIO(storage.read_bytes(best_uri)), map_location="cpu", weights_only=True)
         model.load_state_dict(weights)
+        calibration.fit_on_split(model_cfg, model, cfg.data, cfg.val_split, device, cfg.batch_size, cfg.workers)
         model_cfg.metrics = best
         model_cfg.decoding = choose_decoding(best, cfg.decoding)
         model_cfg.checkpoint = {"source": best["val-source"], "epoch": best["epoch"],

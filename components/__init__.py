@@ -7,6 +7,7 @@ its typed inputs, calls one library function or engine, and publishes typed
 outputs. ``docs/pipeline.md`` explains the data flow between them.
 """
 
+from components.audit import audit, audit_test_split
 from components.check import check
 from components.cleanup import cleanup
 from components.deploy import deploy
@@ -16,4 +17,4 @@ from components.split import split
 from components.train import train
 from components.tune import tune
 
-__all__ = ["check", "cleanup", "deploy", "download", "evaluate", "split", "train", "tune"]
+__all__ = ["audit", "audit_test_split", "check", "cleanup", "deploy", "download", "evaluate", "split", "train", "tune"]

@@ -51,6 +51,7 @@ CORE = {
     ("v1", "ServiceAccount"): "serviceaccount-v1.json",
     ("v1", "Secret"): "secret-v1.json",
     ("v1", "Pod"): "pod-v1.json",
+    ("batch/v1", "Job"): "job-batch-v1.json",
     ("rbac.authorization.k8s.io/v1", "Role"): "role-rbac-v1.json",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebinding-rbac-v1.json",
 }

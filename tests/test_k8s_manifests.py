@@ -18,12 +18,13 @@ from bincounter.k8s import manifests, objects as o
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 KUSTOMIZATIONS = ["common", "base", "trainer-v2", "trainer-v2.2", "overlays/cpu-smoke", "overlays/gpu",
-                  "overlays/kubeflow"]
+                  "overlays/kubeflow", "audit"]
 # The Kubeflow releases each folder claims to run on (docs/kubernetes.md, support matrix); every
 # rendered object must validate against each of those releases' own CRDs. trainer-v2.2 is for
 # Trainer >= 2.2, which no supported release ships: it is checked against Trainer v2.3's CRD.
 CLAIMS = {"common": ("1.10.2", "1.11.0"), "base": ("1.10.2",), "trainer-v2": ("1.11.0",), "trainer-v2.2": (None,),
-          "overlays/cpu-smoke": ("1.10.2",), "overlays/gpu": ("1.10.2",), "overlays/kubeflow": ("1.10.2",)}
+          "overlays/cpu-smoke": ("1.10.2",), "overlays/gpu": ("1.10.2",), "overlays/kubeflow": ("1.10.2",),
+          "audit": ("1.10.2", "1.11.0")}
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 
 

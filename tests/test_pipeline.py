@@ -66,7 +66,7 @@ def test_compiled_pipeline_loads_into_kfp_protobufs(docs):
 def test_every_step_runs_in_the_pipeline_image(docs):
     spec, _ = docs
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "check", "cleanup")}
+    assert set(executors) == {f"exec-{s}" for s in (*STAGES, "check", "cleanup", "audit-test-split")}
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == images.image("pipeline", registry_=images.DEFAULT_REGISTRY,

@@ -22,7 +22,7 @@ from bincounter.k8s import launchers, objects as o
 TRIAL_STATES = {"Succeeded": "COMPLETE", "EarlyStopped": "PRUNED", "Failed": "FAIL", "MetricsUnavailable": "FAIL",
                 "Killed": "KILLED", "Running": "RUNNING", "Created": "RUNNING", "Pending": "PENDING"}
 # Seconds between status checks (a Katib trial or a training epoch takes minutes).
-POLL_S = {"train": 10.0, "tune": 15.0, "deploy": 5.0}
+POLL_S = {"train": 10.0, "tune": 15.0, "deploy": 5.0, "audit": 10.0}
 
 
 def object_name(stage: str, run_id: str) -> str:
@@ -133,6 +133,24 @@ def deploy(model_uri: str, *, model_name: str = o.MODEL_NAME, run_id: str = "", 
                                "generation": result["generation"], "predict_v1": result["model_url"],
                                "traffic": result["traffic"],
                                "infer_v2": f"{url}/v2/models/{model_name}/infer", "client": {}})
+
+
+def audit(model_uri: str, source: str, output: str, audit_args: Sequence[str] = (), *, parts: int = 1,
+          gpus_per_pod: int = 0, run_id: str = "", namespace: str = "", image_tag: str | None = None,
+          spot: bool = False, s3_secret: str = o.S3_SECRET, deadline_s: float = 12 * 3600, cpu: str = "4",
+          memory: str = "8Gi") -> dict[str, Any]:
+    """Score ``source`` with the audit's Indexed Job (pod i: part i of ``parts``); the caller merges.
+
+    A retried step replaces the Job of the same run; its pods skip the chunks already scored.
+    """
+    namespace = launchers.resolve_namespace(namespace)
+    node_selector, tolerations = o.placement(spot, gpus_per_pod)
+    return launchers.audit(
+        object_name("audit", run_id), namespace, model_uri=model_uri, source=source, output_uri=output,
+        parts=parts, extra_args=list(audit_args), image=_image("trainer", image_tag), gpus_per_pod=gpus_per_pod,
+        cpu=cpu, memory=memory, node_selector=node_selector, tolerations=tolerations,
+        labels=launchers.run_labels(run_id) if run_id else None, s3_secret_name=s3_secret, timeout_s=deadline_s,
+        poll_s=POLL_S["audit"], replace=True)
 
 
 def cleanup(run_id: str, *, namespace: str = "") -> list[str]:

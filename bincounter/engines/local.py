@@ -406,6 +406,41 @@ def tune(data: str, output: str, fixed_args: Sequence[str] = (), *, trials: int 
 # Serving
 
 
+AUDIT_COMMAND = (sys.executable, "-m", "bincounter.cli", "audit")
+
+
+def audit(model_dir: str, source: str, output: str, audit_args: Sequence[str] = (), *, parts: int = 1,
+          run_id: str | None = None, deadline_s: float | None = None) -> dict[str, Any]:
+    """Score ``source`` as the cluster's Indexed Job would, with ``parts`` local processes
+    (``bincounter audit --part i --parts N --score-only``) side by side; the caller merges.
+
+    Returns {"parts", "seconds"}. A failed part raises ``LocalRunError`` with its output; the
+    chunks the parts finished stay, so a rerun scores only the rest.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    base = [*AUDIT_COMMAND, "--model", model_dir, "--source", source, "--output", output, "--parts", str(parts),
+            "--score-only", "--no-progress", *map(str, audit_args)]
+    start = time.monotonic()
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            run_process([*base, "--part", str(i)], deadline_s=deadline_s, name=f"audit part {i}/{parts}",
+                        run_id=run_id)
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the caller's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {"parts": parts, "seconds": round(time.monotonic() - start, 1)}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -175,6 +175,7 @@ def pod_selector(kind: str, name: str) -> str:
         "PyTorchJob": f"training.kubeflow.org/job-name={name}",
         "TrainJob": f"jobset.sigs.k8s.io/jobset-name={name}",   # the TrainJob's JobSet has its name
         "InferenceService": f"serving.kserve.io/inferenceservice={name}",
+        "Job": f"batch.kubernetes.io/job-name={name}",  # set by the Job controller since Kubernetes 1.27
     }[kind]
 
 

@@ -1,4 +1,4 @@
-"""Run a training job, a Katib Experiment or an InferenceService to the end.
+"""Run a training job, a Katib Experiment, an InferenceService or the audit's Indexed Job to the end.
 
 Each launcher builds its object from the one definition in ``bincounter.k8s.objects``,
 creates it (or replaces an existing one of the same name when asked), waits on the
@@ -132,6 +132,14 @@ def deployment_rolled_out(dep: Mapping | None) -> tuple[bool, str | None]:
             and st.get("updatedReplicas", 0) >= want and st.get("replicas", 0) == st.get("updatedReplicas", 0)
             and st.get("availableReplicas", 0) >= st.get("updatedReplicas", 0))
     return done, None
+
+
+def job_done(obj: Mapping) -> tuple[bool, str | None]:
+    """A batch/v1 Job ends with condition Complete or Failed (Kubernetes pkg/controller/job; since 1.31
+    SuccessCriteriaMet / FailureTarget come first, while pods still terminate: wait for the final one)."""
+    if is_true(obj, "Failed"):
+        return True, _why(obj, "Failed")
+    return is_true(obj, "Complete"), None
 
 
 def _gpu_hours(start: str | None, end: str | None, gpus: int) -> float:
@@ -509,6 +517,48 @@ def _end_canary(name: str, namespace: str, *, promote: bool, timeout_s: float = 
     log(f"InferenceService {namespace}/{name}: traffic {traffic(final)}")
     return {"name": name, "namespace": namespace, "action": action, "traffic": traffic(final),
             "revision": target}
+
+
+def audit(name: str, namespace: str = o.DEFAULT_NAMESPACE, *, model_uri: str, source: str, output_uri: str,
+          parts: int, parallelism: int | None = None, extra_args: Sequence[str] = (), image: str | None = None,
+          gpus_per_pod: int = 0, cpu: str = "4", memory: str = "8Gi",
+          node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
+          labels: Mapping[str, str] | None = None, service_account_name: str = o.WORKLOAD_SA,
+          s3_secret_name: str = o.S3_SECRET, timeout_s: float = 12 * 3600, poll_s: float = 10.0,
+          replace: bool = False, cleanup: str = "on-failure", report_every_s: float = 60.0,
+          api_client: k8s.ApiClient | None = None, log: Log = print_flush) -> dict[str, Any]:
+    """Score a bucket with the audit's Indexed Job: pod i scores part i of ``parts``.
+
+    Returns {"output_uri", "name", "namespace", "parts", "seconds", "gpu_hours"} once every index
+    succeeded; the caller then merges (``bincounter.audit.core.merge`` / ``bincounter audit --merge-only``).
+    Chunk files already in ``output_uri`` are skipped by the pods, so rerunning a failed audit
+    (replace=True) scores only what is missing.
+    """
+    obj = o.audit_job(name, namespace, model_uri=model_uri, source=source, output_uri=output_uri, parts=parts,
+                      parallelism=parallelism, extra_args=extra_args, image=image,
+                      resources=o.Resources(cpu=cpu, memory=memory, gpus=gpus_per_pod), node_selector=node_selector,
+                      tolerations=tolerations, labels=labels, service_account_name=service_account_name,
+                      s3_secret_name=s3_secret_name, active_deadline_seconds=int(timeout_s))
+    cluster = Cluster(api_client)
+    started = time.monotonic()
+
+    def describe(cur):
+        st = cur.get("status") or {}
+        done = st.get("completedIndexes") or "none"
+        failed = f" failedIndexes={st['failedIndexes']}" if st.get("failedIndexes") else ""
+        return (f"{_state(cur)} active={st.get('active', 0)} succeeded={st.get('succeeded', 0)}/{parts} "
+                f"failed={st.get('failed', 0)} completedIndexes={done}{failed}")
+
+    final = run_to_end(cluster, obj, done=job_done, describe=describe, timeout_s=timeout_s, poll_s=poll_s,
+                       replace=replace, cleanup=cleanup, log=log, report_every_s=report_every_s,
+                       log_selector=pod_selector("Job", name), primary=o.AUDIT_CONTAINER)
+    status = final.get("status") or {}
+    seconds = time.monotonic() - started
+    gpus = parts * gpus_per_pod  # an upper bound when parallelism < parts: pods then run in turn
+    gpu_hours = _gpu_hours(status.get("startTime"), status.get("completionTime"), gpus) or seconds * gpus / 3600
+    log(f"Job {name} succeeded: {parts} parts scored into {output_uri}")
+    return {"output_uri": output_uri, "name": name, "namespace": namespace, "parts": parts,
+            "seconds": round(seconds, 1), "gpu_hours": round(gpu_hours, 4)}
 
 
 def run_labels(run_id: str) -> dict[str, str]:

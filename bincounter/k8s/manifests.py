@@ -4,7 +4,7 @@
     python -m bincounter.k8s.manifests --check manifests   # exit 1 if the files drifted
 
 ``manifests/common``, ``manifests/base``, ``manifests/trainer-v2`` and
-``manifests/trainer-v2.2`` are OUTPUT of this module; edit ``bincounter/k8s/objects.py`` or
+``manifests/trainer-v2.2`` and ``manifests/audit`` are OUTPUT of this module; edit ``bincounter/k8s/objects.py`` or
 the parameters below, never the YAML. The overlays (cpu-smoke, gpu, kubeflow) are
 hand-written kustomize patches on top of ``base``.
 
@@ -15,6 +15,7 @@ Which folder for which release (docs/kubernetes.md has the support matrix):
 - ``trainer-v2``: TrainJob (podTemplateOverrides) and TrainJob trials (Kubeflow 1.11.0,
   Trainer v2.1.0).
 - ``trainer-v2.2``: the same with runtimePatches, for Trainer >= 2.2.
+- ``audit``: the bucket-scale audit's Indexed Job alone (apply after ``common``; any release).
 """
 
 from __future__ import annotations
@@ -99,7 +100,20 @@ def folders() -> dict[str, tuple[dict[str, list[dict]], str]]:
                        "Katib Experiment with TrainJob trials.\n"),
         "trainer-v2.2": (trainer_v2_files("runtimePatches"),
                          "# Trainer >= 2.2 (runtimePatches): as trainer-v2, for clusters with a newer Trainer.\n"),
+        "audit": (audit_files(), "# The bucket-scale audit as an Indexed Job, alone: apply it after common (it needs the\n"
+                                 "# namespace, ServiceAccount and S3 Secret); merge with `bincounter audit --merge-only`.\n"),
     }
+
+
+AUDIT_SOURCE = "s3://aft-vbi-pds"  # the whole public ABID bucket
+AUDIT_URI = f"{BUCKET}/audit/abid"
+AUDIT_PARTS = 16
+
+
+def audit_files() -> dict[str, list[dict]]:
+    return {"audit-job.yaml": [o.audit_job("bincounter-audit", o.DEFAULT_NAMESPACE, model_uri=MODEL_URI,
+                                           source=AUDIT_SOURCE, output_uri=AUDIT_URI, parts=AUDIT_PARTS,
+                                           image=_image("trainer"))]}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -124,7 +138,7 @@ def render() -> dict[str, str]:
             out[f"{folder}/{name}"] = _dump(objs)
         resources = [n for n in files if not n.endswith(".template.yaml")]
         out[f"{folder}/kustomization.yaml"] = _kustomization(
-            resources if folder == "common" else ["../common", *resources], comment)
+            resources if folder in ("common", "audit") else ["../common", *resources], comment)
     return out
 
 

@@ -27,6 +27,8 @@ CUSTOM_KINDS: dict[str, tuple[str, str, str]] = {
     "Experiment": ("kubeflow.org", "v1beta1", "experiments"),       # Katib v0.18, v0.19
     "InferenceService": ("serving.kserve.io", "v1beta1", "inferenceservices"),  # KServe v0.15
     "Deployment": ("apps", "v1", "deployments"),                    # a RawDeployment predictor's rollout
+    # Not custom, but the same REST shape (/apis/batch/v1/namespaces/NS/jobs), so the same client calls work.
+    "Job": ("batch", "v1", "jobs"),                                  # the audit's Indexed Job
 }
 
 DEFAULT_NAMESPACE = "bincounter"
@@ -211,6 +213,7 @@ ROLE_RULES: list[dict] = [
     {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "list", "delete"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["create", "get", "update", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "delete"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
@@ -274,15 +277,17 @@ def train_args(data_uri: str, model_uri: str, extra: Sequence[str] = ()) -> list
 
 def _train_pod_template(*, image: str, args: list[str], resources: Resources, service_account_name: str,
                         s3_secret_name: str, node_selector: Mapping[str, str] | None,
-                        tolerations: Sequence[Mapping] | None, shm_size: str) -> dict:
+                        tolerations: Sequence[Mapping] | None, shm_size: str | None,
+                        container: str = TRAIN_CONTAINER, command: list[str] | None = None) -> dict:
+    """The pod of a batch workload (training; the audit's Job passes its own container and command)."""
     volumes, mounts = _scratch_volumes(shm_size)
     spec: dict[str, Any] = {
         "serviceAccountName": service_account_name,
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         "containers": [{
-            "name": TRAIN_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": train_command(), "args": args,
+            "name": container, "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": command or train_command(), "args": args,
             "env": _base_env() + _s3_env(s3_secret_name),
             "resources": resources.to_k8s(),
             "securityContext": container_security_context(),
@@ -624,3 +629,56 @@ def inference_service(name: str = MODEL_NAME, namespace: str = DEFAULT_NAMESPACE
         meta["annotations"] = {KSERVE_MODE_ANNOTATION: deployment_mode}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}
+
+
+# ---------------------------------------------------------------- audit
+
+AUDIT_CONTAINER = "audit"
+
+
+def audit_args(model_uri: str, source: str, output_uri: str, parts: int, extra: Sequence[str] = ()) -> list[str]:
+    """``bincounter audit`` flags of one part: the part index comes from $JOB_COMPLETION_INDEX,
+    which the Job controller sets in each pod of an Indexed Job (the CLI's default for --part)."""
+    if not model_uri or not source or not output_uri:
+        raise ValueError("audit_args needs model_uri, source and output_uri")
+    return ["--model", model_uri, "--source", source, "--output", output_uri, "--parts", str(parts),
+            "--score-only", "--no-progress", *map(str, extra)]
+
+
+def audit_job(name: str, namespace: str = DEFAULT_NAMESPACE, *, model_uri: str, source: str, output_uri: str,
+              parts: int, parallelism: int | None = None, extra_args: Sequence[str] = (), image: str | None = None,
+              resources: Resources = Resources(cpu="4", memory="8Gi"),
+              node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping] | None = None,
+              service_account_name: str = WORKLOAD_SA, s3_secret_name: str = S3_SECRET,
+              backoff_limit_per_index: int = 2, active_deadline_seconds: int | None = None,
+              ttl_seconds_after_finished: int = 86400, labels: Mapping[str, str] | None = None) -> dict:
+    """The bucket-scale audit: a ``batch/v1`` Indexed Job whose pod i scores the chunks c with
+    ``c % parts == i`` (``bincounter audit --part i --parts N --score-only``).
+
+    Each index is retried on its own (``backoffLimitPerIndex``, which needs restartPolicy Never): a
+    lost spot node costs one part, and the rerun skips the chunks that part had finished. The merge
+    (``--merge-only``) runs once all indexes succeeded (``launchers.audit`` then the caller, or the
+    KFP component). ``parallelism`` caps how many pods run at once (default: all ``parts``).
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    parallelism = parts if parallelism is None else parallelism
+    if not 1 <= parallelism <= parts:
+        raise ValueError(f"Need 1 <= parallelism <= parts, got {parallelism} and {parts}")
+    template = _train_pod_template(
+        image=image or images.image("trainer"), args=audit_args(model_uri, source, output_uri, parts, extra_args),
+        resources=resources, service_account_name=service_account_name, s3_secret_name=s3_secret_name,
+        node_selector=node_selector, tolerations=tolerations,
+        shm_size=None,  # threads, no DataLoader workers: the default /dev/shm will do
+        container=AUDIT_CONTAINER, command=["bincounter", "audit"])
+    template["spec"] = {"restartPolicy": "Never", **template["spec"]}
+    template["metadata"]["labels"]["app.kubernetes.io/component"] = "audit"
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed", "completions": parts, "parallelism": parallelism,
+        "backoffLimitPerIndex": backoff_limit_per_index, "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+        "template": template,
+    }
+    if active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, namespace, "audit", labels),
+            "spec": spec}

@@ -27,17 +27,18 @@ import yaml
 # trainer-v2 (Trainer v2.1's podTemplateOverrides) is not scanned: that API cannot set a security
 # context, so its pods run with the ClusterTrainingRuntime's (docs/kubernetes.md, known limits);
 # trainer-v2.2 scans the same TrainJob with runtimePatches, which sets ours.
-OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu", "overlays/kubeflow", "trainer-v2.2")
+OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu", "overlays/kubeflow", "trainer-v2.2", "audit")
 TRAINING = ("PyTorchJob", "Experiment", "TrainJob")
-ALL = TRAINING + ("InferenceService",)
+BATCH = TRAINING + ("Job",)  # the audit's Indexed Job: checkov scans Jobs itself, skips go on the Job
+ALL = BATCH + ("InferenceService",)
 
 # check id -> (kinds whose pods skip it, reason). Nothing else is skipped.
 SKIPS: dict[str, tuple[tuple[str, ...], str]] = {
-    "CKV_K8S_8": (TRAINING, "batch training pods serve nothing to probe; the InferenceService has liveness and readiness probes"),
-    "CKV_K8S_9": (TRAINING, "batch training pods serve nothing to probe; the InferenceService has liveness and readiness probes"),
+    "CKV_K8S_8": (BATCH, "batch training and audit pods serve nothing to probe; the InferenceService has liveness and readiness probes"),
+    "CKV_K8S_9": (BATCH, "batch training and audit pods serve nothing to probe; the InferenceService has liveness and readiness probes"),
     "CKV_K8S_15": (ALL, "images use immutable release tags from bincounter/images.py; IfNotPresent lets kind-loaded images run (cpu-smoke)"),
     "CKV_K8S_43": (ALL, "tags come from bincounter/images.py; pin digests at release with `kustomize edit set image NAME@sha256:...`"),
-    "CKV_K8S_35": (TRAINING, "boto3 reads S3 credentials from AWS_* env vars (the convention KServe and KFP use too); TrainJob's API takes env only"),
+    "CKV_K8S_35": (BATCH, "boto3 reads S3 credentials from AWS_* env vars (the convention KServe and KFP use too); TrainJob's API takes env only"),
     "CKV_K8S_38": (("TrainJob",), "Trainer v2 runtimePatches cannot set automountServiceAccountToken; the bincounter ServiceAccount sets it false"),
     "CKV_K8S_29": (("InferenceService",), "Knative 1.16 (KServe Serverless) rejects a pod-level securityContext with Kubeflow's "
                                           "default config-features; the container securityContext sets non-root, UID, seccomp"),
@@ -96,6 +97,10 @@ def render(manifests: pathlib.Path, out: pathlib.Path, overlays=OVERLAYS) -> lis
         text = subprocess.run(["kubectl", "kustomize", str(manifests / rel)], capture_output=True, text=True,
                               check=True).stdout
         objs = [d for d in yaml.safe_load_all(text) if d]
+        for obj in objs:
+            if obj["kind"] == "Job":  # a built-in workload: checkov reads its skips from the Job itself
+                meta = obj.setdefault("metadata", {})
+                meta["annotations"] = {**meta.get("annotations", {}), **skip_annotations("Job")}
         pods = [p for obj in objs for p in as_pods(obj)]
         path = out / (rel.replace("/", "_") + ".yaml")
         path.write_text(yaml.safe_dump_all(objs + pods, sort_keys=False))

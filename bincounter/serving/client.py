@@ -31,6 +31,9 @@ class ImageResult:
     confidence: float
     probabilities: list[float]
     model_version: str | None
+    # With an expected quantity (the audit): P(expected quantity) and whether it is below the threshold.
+    p_expected: float | None = None
+    flagged: bool | None = None
 
 
 def endpoint(url: str, model_name: str, protocol: str) -> str:
@@ -42,11 +45,19 @@ def endpoint(url: str, model_name: str, protocol: str) -> str:
     raise ValueError(f"Invalid protocol {protocol!r}. Only {', '.join(PROTOCOLS)} are supported.")
 
 
-def request_body(images: list[bytes], protocol: str) -> dict:
+def request_body(images: list[bytes], protocol: str, expected: list[int] | None = None,
+                 threshold: float | None = None) -> dict:
     encoded = [base64.b64encode(data).decode("ascii") for data in images]
+    params = {"threshold": threshold} if threshold is not None else None
     if protocol == "v1":
-        return {"instances": [{"image": {"b64": b64}} for b64 in encoded]}
-    return {"inputs": [{"name": "image", "shape": [len(encoded)], "datatype": "BYTES", "data": encoded}]}
+        instances = [{"image": {"b64": b64}} for b64 in encoded]
+        for inst, e in zip(instances, expected or []):
+            inst["expected_quantity"] = e
+        return {"instances": instances, **({"parameters": params} if params and expected else {})}
+    inputs = [{"name": "image", "shape": [len(encoded)], "datatype": "BYTES", "data": encoded}]
+    if expected:
+        inputs.append({"name": "expected_quantity", "shape": [len(expected)], "datatype": "INT64", "data": expected})
+    return {"inputs": inputs, **({"parameters": params} if params and expected else {})}
 
 
 def parse_response(answer: dict, names: list[str], protocol: str) -> list[ImageResult]:
@@ -55,15 +66,19 @@ def parse_response(answer: dict, names: list[str], protocol: str) -> list[ImageR
         preds = answer["predictions"]
         _check_length(len(preds), len(names))
         return [ImageResult(image=name, count=p["count"], label=p["label"], confidence=p["confidence"],
-                            probabilities=p["probabilities"], model_version=version)
+                            probabilities=p["probabilities"], model_version=version,
+                            p_expected=p.get("p_expected"), flagged=p.get("flagged"))
                 for name, p in zip(names, preds)]
     out = {o["name"]: o for o in answer["outputs"]}
     n, num_classes = out["probabilities"]["shape"]
     _check_length(n, len(names))
     probs = out["probabilities"]["data"]
+    audit = {k: out[k]["data"] for k in ("p_expected", "flagged") if k in out}
     return [ImageResult(image=name, count=out["count"]["data"][i], label=out["label"]["data"][i],
                         confidence=out["confidence"]["data"][i],
-                        probabilities=probs[i * num_classes:(i + 1) * num_classes], model_version=version)
+                        probabilities=probs[i * num_classes:(i + 1) * num_classes], model_version=version,
+                        p_expected=audit["p_expected"][i] if audit else None,
+                        flagged=audit["flagged"][i] if audit else None)
             for i, name in enumerate(names)]
 
 
@@ -74,8 +89,12 @@ def _check_length(got: int, sent: int) -> None:
 
 def predict(images: list[bytes], *, url: str, names: list[str] | None = None, model_name: str = "bincounter",
             protocol: str = "v1", token: str | None = None, host_header: str | None = None,
-            timeout: float = 60.0, client: httpx.Client | None = None) -> list[ImageResult]:
+            timeout: float = 60.0, client: httpx.Client | None = None, expected: list[int] | None = None,
+            threshold: float | None = None) -> list[ImageResult]:
     """Send ``images`` (encoded JPEG bytes) in one request; one ``ImageResult`` per image, in order.
+
+    With ``expected`` (one expected quantity per image) the server also answers ``p_expected`` and
+    ``flagged`` at ``threshold`` (default: the model's ``audit_threshold``).
 
     Raises ``PredictError`` with the server's message when it answers anything but 200.
     """
@@ -85,7 +104,9 @@ def predict(images: list[bytes], *, url: str, names: list[str] | None = None, mo
         headers["Authorization"] = f"Bearer {token}"
     if host_header:
         headers["Host"] = host_header
-    body = json.dumps(request_body(images, protocol))
+    if expected is not None and len(expected) != len(images):
+        raise ValueError(f"{len(expected)} expected quantities for {len(images)} images: give one per image")
+    body = json.dumps(request_body(images, protocol, expected, threshold))
     http = client or httpx.Client(timeout=timeout)
     try:
         response = http.post(endpoint(url, model_name, protocol), content=body, headers=headers, timeout=timeout)
@@ -119,18 +140,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", default=60.0, type=float, help="seconds to wait for the answer")
     parser.add_argument("--batch-size", default=16, type=int, help="images per request")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    parser.add_argument("--expected", type=int, nargs="+", default=None, metavar="N",
+                        help="the expected quantity of each image (one per IMAGE, in order): also print p_expected "
+                             "and whether the bin is flagged for a recount")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="with --expected: flag when p_expected < this (default: the model's audit_threshold)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.expected is not None and len(args.expected) != len(args.images):
+        print(f"error: --expected has {len(args.expected)} values for {len(args.images)} images; give one per image",
+              file=sys.stderr)
+        return 2
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
+        expected = args.expected[start:start + args.batch_size] if args.expected is not None else None
         try:
             images = [_read(path) for path in paths]
             results += predict(images, names=paths, url=args.url, model_name=args.model_name,
                                protocol=args.protocol, token=args.token or os.environ.get("BINCOUNTER_TOKEN"),
-                               host_header=args.host_header, timeout=args.timeout)
+                               host_header=args.host_header, timeout=args.timeout, expected=expected,
+                               threshold=args.threshold)
         except (OSError, PredictError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -138,7 +170,9 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(dataclasses.asdict(r)))
         else:
-            print(f"{r.image}\tcount={r.label}\tconfidence={r.confidence:.3f}\tmodel_version={r.model_version}")
+            audit = (f"\tp_expected={r.p_expected:.3f}\t{'FLAGGED' if r.flagged else 'ok'}"
+                     if r.p_expected is not None else "")
+            print(f"{r.image}\tcount={r.label}\tconfidence={r.confidence:.3f}\tmodel_version={r.model_version}{audit}")
     return 0
 
 

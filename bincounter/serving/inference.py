@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bincounter.imaging import ImageError, ImageLimits, open_image
+from bincounter.calibration import probabilities
+from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                                DEFAULT_MAX_JPEG_SCANS, IMAGE_FORMATS, ImageError, ImageLimits, open_image)
 from bincounter.model import ModelConfig, decode
 from bincounter.presets import eval_transform
 
@@ -108,8 +110,8 @@ class Counter:
         """Class probabilities, shape ``[N, num_classes]``."""
         if self._session is not None:
             (logits,) = self._session.run(["logits"], {"images": np.ascontiguousarray(batch.numpy())})
-            return torch.softmax(torch.from_numpy(logits), dim=1)
-        return torch.softmax(self.model(batch), dim=1)
+            return probabilities(torch.from_numpy(logits), self.config.temperature)
+        return probabilities(self.model(batch), self.config.temperature)  # calibrated: the model's temperature
 
     def postprocess(self, probs: torch.Tensor) -> list[Prediction]:
         names = self.config.class_names

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 from bincounter import errors
 from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
                                 DEFAULT_MAX_JPEG_SCANS, ImageError, ImageLimits)
+from bincounter.audit import online
 from bincounter.model import load_model_dir
 from bincounter.serving.batching import Batcher
 from bincounter.serving.binary_v2 import split_bytes
@@ -67,8 +68,10 @@ V1_FORMAT = '{"instances": [{"image": {"b64": "<base64 JPEG>"}}, ...]}'
 # The V2 inputs the model reads, by name. A request with one BYTES input of another name is
 # read as the image too (the form before inputs were named).
 V2_IMAGE_INPUT = "image"
-V2_INPUTS = (V2_IMAGE_INPUT,)
+V2_EXPECTED_INPUT = online.EXPECTED_FIELD  # optional INT64/INT32: the audit's expected quantity per image
+V2_INPUTS = (V2_IMAGE_INPUT, V2_EXPECTED_INPUT)
 V2_OUTPUTS = ("count", "label", "confidence", "probabilities")
+V2_AUDIT_OUTPUTS = ("p_expected", "flagged")  # answered only when the request has expected_quantity
 
 # Drift watching (docs/serving.md gives the alarm): what the model answers, not how fast.
 _LABELS = ["model_name", "model_version"]
@@ -90,6 +93,8 @@ class _Batch:
     """What preprocess hands to predict: the still-encoded images and how to answer."""
     images: list[tuple[str, str | bytes]]  # (where in the request, base64 text or raw bytes)
     request: InferRequest | None = None  # the V2 request (None: V1)
+    expected: list[int | None] | None = None  # the audit's expected quantity per image (None: not asked)
+    threshold: float = 0.0
 
 
 def _b64decode(value: Any, where: str) -> bytes:
@@ -228,9 +233,10 @@ class BinCounterModel(kserve.Model):
     @staticmethod
     def _requested_outputs(request: InferRequest) -> list[str]:
         names = [o.name for o in request.request_outputs or []]
-        unknown = [n for n in names if n not in V2_OUTPUTS]
+        unknown = [n for n in names if n not in V2_OUTPUTS + V2_AUDIT_OUTPUTS]
         if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}; the model has outputs {list(V2_OUTPUTS)}")
+            raise InvalidInput(f"unknown output(s) {unknown}; the model has outputs {list(V2_OUTPUTS)} "
+                               f"(and {list(V2_AUDIT_OUTPUTS)} with input {V2_EXPECTED_INPUT!r})")
         return names or list(V2_OUTPUTS)
 
     def _decode(self, images: list[tuple[str, str | bytes]]) -> torch.Tensor:
@@ -243,8 +249,50 @@ class BinCounterModel(kserve.Model):
 
     async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> _Batch:
         if isinstance(payload, InferRequest):
-            return _Batch(self._v2_images(payload), request=payload)
-        return _Batch(self._v1_images(payload))
+            batch = _Batch(self._v2_images(payload), request=payload)
+            expected, parameters = self._v2_expected(payload, len(batch.images)), payload.parameters
+            if expected is None and set(self._requested_outputs(payload)) & set(V2_AUDIT_OUTPUTS):
+                raise InvalidInput(f"outputs {list(V2_AUDIT_OUTPUTS)} need the input {V2_EXPECTED_INPUT!r}")
+        else:
+            batch = _Batch(self._v1_images(payload))
+            expected, parameters = self._v1_expected(payload), payload.get("parameters")
+        if expected is not None:
+            try:
+                batch.threshold = online.parse_threshold(parameters, self.counter.config.audit_threshold)
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
+            batch.expected = expected
+        return batch
+
+    @staticmethod
+    def _v1_expected(body: Any) -> list[int | None] | None:
+        """Each instance's optional ``expected_quantity`` (None when no instance has one)."""
+        if isinstance(body, bytes):
+            body = json.loads(body)  # _v1_images has checked that it parses
+        values = [inst.get(online.EXPECTED_FIELD) for inst in body["instances"]]
+        if all(v is None for v in values):
+            return None
+        try:
+            return [None if v is None else online.parse_expected(v, f"instances[{i}].{online.EXPECTED_FIELD}")
+                    for i, v in enumerate(values)]
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+
+    def _v2_expected(self, request: InferRequest, n: int) -> list[int] | None:
+        tensor = self._v2_inputs(request).get(V2_EXPECTED_INPUT)
+        if tensor is None:
+            return None
+        if tensor.datatype not in ("INT64", "INT32"):
+            raise InvalidInput(f"input {V2_EXPECTED_INPUT!r} must be INT64 or INT32, not {tensor.datatype}")
+        data = tensor.data if tensor._raw_data is None else np.frombuffer(
+            tensor._raw_data, dtype=np.int64 if tensor.datatype == "INT64" else np.int32)
+        data = np.asarray(data).reshape(-1).tolist() if not isinstance(data, list) else data
+        if len(data) != n:
+            raise InvalidInput(f"input {V2_EXPECTED_INPUT!r} has {len(data)} elements for {n} images")
+        try:
+            return [online.parse_expected(v, f"{V2_EXPECTED_INPUT}[{i}]") for i, v in enumerate(data)]
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
 
     async def predict(self, batch: _Batch, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
@@ -258,9 +306,15 @@ class BinCounterModel(kserve.Model):
             probs = await loop.run_in_executor(self._forward_pool, self.counter.forward, tensor)
         predictions = self.counter.postprocess(probs)
         self._observe(predictions)
+        verdicts = None
+        if batch.expected is not None:
+            try:
+                verdicts = online.judge(probs.tolist(), batch.expected, self.counter.config, batch.threshold)
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
         if batch.request is not None:
-            return self._v2_response(predictions, probs, batch.request)
-        return self._v1_response(predictions)
+            return self._v2_response(predictions, probs, batch.request, verdicts)
+        return self._v1_response(predictions, verdicts)
 
     def _observe(self, predictions: list[Prediction]) -> None:
         labels = (self.name, self.version)
@@ -273,11 +327,15 @@ class BinCounterModel(kserve.Model):
                 low.inc()
         IMAGES.labels(*labels).inc(len(predictions))
 
-    def _v1_response(self, predictions: list[Prediction]) -> dict:
-        return {"predictions": [p.to_dict() for p in predictions], "classes": self.counter.config.class_names,
+    def _v1_response(self, predictions: list[Prediction], verdicts: list[dict | None] | None = None) -> dict:
+        rows = [p.to_dict() for p in predictions]
+        for row, verdict in zip(rows, verdicts or []):
+            row.update(verdict or {})
+        return {"predictions": rows, "classes": self.counter.config.class_names,
                 "model_name": self.name, "model_version": self.version}
 
-    def _v2_response(self, predictions: list[Prediction], probs: torch.Tensor, request: InferRequest) -> InferResponse:
+    def _v2_response(self, predictions: list[Prediction], probs: torch.Tensor, request: InferRequest,
+                     verdicts: list[dict] | None = None) -> InferResponse:
         n = len(predictions)
         outputs = {
             "count": lambda: InferOutput("count", [n], "INT64", data=[p.count for p in predictions]),
@@ -286,9 +344,16 @@ class BinCounterModel(kserve.Model):
             "probabilities": lambda: InferOutput("probabilities", list(probs.shape), "FP32",
                                                  data=probs.reshape(-1).tolist()),
         }
+        names = self._requested_outputs(request)
+        if verdicts is not None:
+            outputs["p_expected"] = lambda: InferOutput("p_expected", [n], "FP32",
+                                                        data=[v["p_expected"] for v in verdicts])
+            outputs["flagged"] = lambda: InferOutput("flagged", [n], "BOOL", data=[v["flagged"] for v in verdicts])
+            if not request.request_outputs:
+                names = names + list(V2_AUDIT_OUTPUTS)
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.version,
-                             infer_outputs=[outputs[name]() for name in self._requested_outputs(request)],
+                             infer_outputs=[outputs[name]() for name in names],
                              parameters={"classes": json.dumps(self.counter.config.class_names)},
                              use_binary_outputs=request.use_binary_outputs,
                              requested_outputs=request.request_outputs)
