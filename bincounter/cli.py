@@ -262,8 +262,8 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
     parser = prepare_parser(module.get_args_parser(add_help=True), prog.split(" ", 1)[1])
     parser.prog = prog
     if module_name == "bincounter.serving.server":
-        import kserve
-
+        # The server module has imported kserve by now (only the server image installs it).
+        kserve = sys.modules["kserve"]
         group_foreign_flags(parser, kserve.model_server.parser, "KServe model server flags")
         # argparse's usage line would list KServe's dozen flags before ours.
         parser.usage = "%(prog)s [--model DIR] [--model-name NAME] [--port PORT] [OPTIONS] (all in --help)"

@@ -158,13 +158,15 @@ def _new_connection_reason(e: BaseException) -> str:
 def _kubernetes(e: BaseException) -> str | None:
     if not type(e).__module__.startswith("kubernetes"):
         return None
-    from kubernetes.config import ConfigException
+    try:  # importable whenever one of its exceptions was raised; only images with the k8s extra have it
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.config import ConfigException
+    except ImportError:
+        return None
 
     if isinstance(e, ConfigException):
         return (f"no usable Kubernetes configuration ({e}): pass --kubeconfig FILE, set KUBECONFIG, "
                 "or run inside a pod with a service account")
-    from kubernetes.client.exceptions import ApiException
-
     if isinstance(e, ApiException):
         return f"the Kubernetes API answered {e.status} {e.reason}: {(e.body or '').strip()[:300]}"
     return None

@@ -83,7 +83,11 @@ class Counter:
                 warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated in favour of compile
                 model = torch.jit.freeze(torch.jit.trace(model, example))
         elif runtime == "onnx":
-            import onnxruntime as ort  # the serve extra; only this runtime needs it
+            try:
+                import onnxruntime as ort  # the serve extra; only this runtime needs it
+            except ImportError as e:
+                raise RuntimeError("--runtime onnx needs onnxruntime (pip install 'bincounter[serve]'); "
+                                   "or use --runtime torchscript") from e
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads or torch.get_num_threads()
