@@ -111,8 +111,6 @@ RENAMED_FLAGS: dict[str, dict[str, str]] = {
 # (pipeline.py; tests/test_cli.py checks them against pipeline.yaml): (command, flag dest) ->
 # (pipeline parameter, its default).
 PIPELINE_DEFAULTS: dict[tuple[str, str], tuple[str, object]] = {
-    ("train", "pretrained"): ("pretrained", "imagenet"),
-    ("train", "epochs"): ("epochs", 20),
     ("k8s train", "workers"): ("workers", 2),
     ("k8s train", "gpus_per_worker"): ("gpus_per_worker", 1),
     ("k8s tune", "gpus_per_worker"): ("tune_gpus_per_trial", 1),

@@ -40,6 +40,8 @@ _COMPONENT_KINDS = {
 # Built into every API server.
 CORE_KINDS = {
     "Deployment": ("apps", "v1", "deployments"),
+    # batch/v1 Job (completionMode Indexed GA since Kubernetes 1.24) is built into every API server.
+    "Job": ("batch", "v1", "jobs"),
     "SelfSubjectAccessReview": ("authorization.k8s.io", "v1", "selfsubjectaccessreviews"),
 }
 

@@ -1,5 +1,5 @@
 """The audit at bucket scale: the Indexed Job builder, its launcher against the HTTP TEST DOUBLE of
-the API server (tests/k8s_double.py, permissive mode: no Kubeflow release profile is involved,
+the API server (tests/k8s_double.py, permissive and with each release profile:
 batch/v1 is in every cluster), and the parts the Job's pods write merged into one table.
 
 The Job status sequences below REPLAY what the Kubernetes Job controller writes
@@ -58,9 +58,13 @@ def job_failed_index(parts: int, index: int) -> list[dict]:
     ]
 
 
-@pytest.fixture
-def double():
-    d = kd.K8sDouble().start()
+@pytest.fixture(params=[None, "1.10.2", "1.11.0"], ids=["permissive", "1.10.2", "1.11.0"])
+def double(request):
+    """The permissive double and each release profile (batch/v1 is served by every API server)."""
+    d = kd.K8sDouble(request.param)
+    if request.param:
+        d.profile_namespace(NS)
+    d.start()
     yield d
     d.stop()
 

@@ -54,7 +54,7 @@ def test_bad_params_are_rejected_with_the_reason(parameters, pair, match):
 
 
 def test_parameters_come_from_the_file_being_uploaded(parameters, tmp_path):
-    assert parameters["epochs"] == {"type": "NUMBER_INTEGER", "default": 20}
+    assert parameters["epochs"] == {"type": "NUMBER_INTEGER", "default": 30}
     assert parameters["engine"]["default"] == "kubernetes"
     with pytest.raises(FileNotFoundError, match="python pipeline.py"):
         submit.pipeline_parameters(tmp_path / "missing.yaml")
