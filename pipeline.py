@@ -64,7 +64,7 @@ def bincounter_pipeline(
     source_auth: str = "unsigned",
     file_list: str = "",
     limit: int = 0,
-    download_workers: int = 32,
+    download_concurrency: int = 32,
     refresh_download: bool = False,
     split_uri: str = "",
     max_count: int = 5,
@@ -101,6 +101,7 @@ def bincounter_pipeline(
     step_node_selector: dict = {},
     step_tolerations: list = [],
     audit_test: bool = False,
+    download_workers: int = 0,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     on_cluster = dict(s3_secret=s3_secret, node_selector=step_node_selector, tolerations=step_tolerations)
@@ -121,8 +122,9 @@ def bincounter_pipeline(
         kubernetes.add_toleration_json(check_task, step_tolerations)
         download_task = _on_cluster(download(
             work_uri=work_uri, source=source, source_endpoint_url=source_endpoint_url, source_auth=source_auth,
-            file_list=file_list, max_count=max_count, k_or_more=k_or_more, limit=limit, workers=download_workers,
-            s3_endpoint_url=s3_endpoint_url, split_uri=split_uri, refresh=refresh_download), **on_cluster)
+            file_list=file_list, max_count=max_count, k_or_more=k_or_more, limit=limit,
+            concurrency=download_concurrency, s3_endpoint_url=s3_endpoint_url, split_uri=split_uri, refresh=refresh_download,
+            deprecated_workers=download_workers), **on_cluster)
         download_task.after(check_task)
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)

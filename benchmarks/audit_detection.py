@@ -43,7 +43,7 @@ def run(*args: str) -> str:
 def prepare(name: str, source: str, work: Path, input_size: int, epochs: int) -> tuple[str, str]:
     split, model = work / name / "split", work / name / "model"
     if not (split / "manifest.json").exists():
-        run("split", source, "--out", str(split), "--val", "0.15", "--test", "0.2", "--seed", "0",
+        run("split", source, "--output", str(split), "--val", "0.15", "--test", "0.2", "--seed", "0",
             "--short-side", str(max(96, input_size)), "--shard-size", "100")
     if not (model / "config.json").exists():
         run("train", "--data", str(split), "--output", str(model), "--arch", "resnet18", "--pretrained", "",
@@ -85,7 +85,7 @@ def main() -> int:
         if name == "synthetic":
             source = work / "synthetic" / "abid"
             if not (source / "metadata").exists():
-                run("synth", str(source), "--images", str(args.synthetic_images), "--max-count", "5", "--seed", "0")
+                run("synth", "--output", str(source), "--images", str(args.synthetic_images), "--max-count", "5", "--seed", "0")
             split, model = prepare(name, str(source), work, input_size=args.input_size, epochs=args.epochs)
         else:
             split, model = prepare(name, str(ABID_DEV), work, input_size=args.input_size, epochs=args.epochs)

@@ -103,6 +103,7 @@ RENAMED_FLAGS: dict[str, dict[str, str]] = {
     "split": {"--out": "--output", "--workers": "--processes"},
     "train": {"--workers": "--loader-workers"},
     "evaluate": {"--workers": "--loader-workers"},
+    "audit": {"--workers": "--concurrency"},
     "k8s tune": {"--max-trials": "--trials", "--parallel-trials": "--parallelism"},
 }
 
@@ -118,7 +119,7 @@ PIPELINE_DEFAULTS: dict[tuple[str, str], tuple[str, object]] = {
     ("k8s tune", "parallel_trials"): ("tune_parallelism", 3),
     ("tune", "trials"): ("tune_trials", 12),
     ("tune", "parallelism"): ("tune_parallelism", 3),
-    ("download", "workers"): ("download_workers", 32),
+    ("download", "workers"): ("download_concurrency", 32),
 }
 
 

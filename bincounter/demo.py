@@ -168,7 +168,7 @@ def demo_params(s3_url: str, cfg: dict[str, Any], work_uri: str | None = None) -
     return dict(
         engine="local", work_uri=work_uri or f"s3://{WORK_BUCKET}", s3_endpoint_url=s3_url,
         source=f"s3://{SOURCE_BUCKET}", source_endpoint_url=s3_url, source_auth="signed",
-        download_workers=8, max_count=cfg["max_count"], split_seed=cfg["seed"], short_side=cfg["short_side"],
+        download_concurrency=8, max_count=cfg["max_count"], split_seed=cfg["seed"], short_side=cfg["short_side"],
         arch=cfg["arch"], pretrained="", input_size=cfg["input_size"], epochs=cfg["epochs"],
         # No DataLoader worker processes: the images are tiny and 2 cores are shared by 2 ranks.
         # Half an epoch of warmup: one-epoch tuning trials warm up for half of it.

@@ -17,10 +17,11 @@ def download(
     max_count: int = -1,
     k_or_more: bool = False,
     limit: int = 0,
-    workers: int = 16,
+    concurrency: int = 16,
     s3_endpoint_url: str = "",
     split_uri: str = "",
     refresh: bool = False,
+    deprecated_workers: int = 0,
 ):
     """Download the selected bins to ``{work_uri}/abid`` (resumable: a rerun fetches only what changed).
 
@@ -45,11 +46,13 @@ def download(
         max_count: Skip bins with more than this many items; -1 keeps all.
         k_or_more: Keep the bins above ``max_count`` anyway (training maps them to the class "K or more").
         limit: Stop after this many complete bins; 0 downloads the whole selection.
-        workers: Concurrent bins in flight.
+        concurrency: Transfers in flight (``bincounter download --concurrency``).
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration
             (``AWS_ENDPOINT_URL`` from the S3 Secret on a cluster).
         split_uri: An existing split (folder written by ``bincounter split``); set, this step does nothing.
         refresh: Download again even when this selection was downloaded before.
+        deprecated_workers: The pipeline's old ``download_workers`` parameter; above 0 it overrides
+            ``concurrency``, with a warning. Goes in the next release.
 
     Raises:
         ValueError: A bad selection (negative limit, unknown auth mode).
@@ -63,6 +66,10 @@ def download(
     from bincounter.data import download as download_lib
 
     start = time.monotonic()
+    if deprecated_workers > 0:
+        print(f"warning: the pipeline parameter download_workers is deprecated and goes in the next release; "
+              f"use download_concurrency (taking {deprecated_workers})")
+        concurrency = deprecated_workers
     if s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint_url
     os.makedirs(raw.path, exist_ok=True)
@@ -84,7 +91,7 @@ def download(
         for attempt in range(3):
             summary = download_lib.download(
                 dest=dest, source=source, file_list=file_list or None,
-                max_count=None if max_count < 0 else max_count, limit=limit or None, workers=workers,
+                max_count=None if max_count < 0 else max_count, limit=limit or None, workers=concurrency,
                 auth=source_auth, endpoint_url=source_endpoint_url or None, progress=False)
             doc = storage.read_json(storage.join(dest, download_lib.MANIFEST), what="download manifest")
             # The shared manifest.json is this download's unless a concurrent run rewrote it in between

@@ -37,7 +37,7 @@ def evaluate(
     Args:
         shards: The split (``metadata['uri']`` is the shards' prefix).
         model: The trained model folder.
-        metrics: Output. accuracy, within1, rmse, mae, macro-f1, samples.
+        metrics: Output. accuracy, within1, rmse, mae, macro_f1, samples.
         confusion: Output. The confusion matrix (rows: true count, columns: predicted).
         report: Output. The run report.
         evaluation: Output. Folder with ``metrics.json`` and ``confusion_matrix.png``.

@@ -20,7 +20,7 @@ def split(
     shard_size: int = 1000,
     train_ids: str = "",
     val_ids: str = "",
-    workers: int = 8,
+    processes: int = 8,
     s3_endpoint_url: str = "",
     split_uri: str = "",
 ):
@@ -54,7 +54,7 @@ def split(
             324,735 bins the published counting figures train on); empty: stratified split.
         val_ids: Path or ``s3://`` URI of a split file for val (``counting_val.json``, 36,032 bins);
             test is then carved from train by ``test``, as the standard split has no test set.
-        workers: Parallel image readers and resizers.
+        processes: Processes that re-encode images (``bincounter split --processes``).
         s3_endpoint_url: Endpoint of the working store; empty uses the AWS configuration.
         split_uri: An existing split folder to use as is (download and split are skipped).
     """
@@ -92,7 +92,7 @@ def split(
             print(f"reusing the split of this selection and these settings: {out}")
         else:
             manifest = split_lib.split(source, out=out, val=val, test=test, seed=seed,
-                                       short_side=short_side, shard_size=shard_size, workers=workers,
+                                       short_side=short_side, shard_size=shard_size, workers=processes,
                                        train_ids=train_ids or None, val_ids=val_ids or None)
     storage.write_bytes(storage.join(work_uri, "runs", run_id, "split.json"), json.dumps({"uri": out}).encode())
     os.makedirs(shards.path, exist_ok=True)

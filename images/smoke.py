@@ -112,10 +112,10 @@ def smoke_trainer(ref: str, work: Path) -> Path:
     with container(ref) as ctr:
         r = run_in(ctr, ["id", "-u"])
         record("trainer", "runs as UID 10001", r, ok=r.stdout.strip() == "10001", detail=f"id -u = {r.stdout.strip()}")
-        r = run_in(ctr, entry + ["synth", "/data/abid", "--images", "48", "--workers", "1"], mounts)
+        r = run_in(ctr, entry + ["synth", "--output", "/data/abid", "--images", "48", "--concurrency", "1"], mounts)
         record("trainer", "ENTRYPOINT synth: 48 synthetic bins", r)
-        r = run_in(ctr, entry + ["split", "/data/abid", "--out", "/data/shards", "--val", "0.25", "--test", "0.25",
-                                 "--short-side", "64", "--shard-size", "8", "--workers", "1"], mounts)
+        r = run_in(ctr, entry + ["split", "/data/abid", "--output", "/data/shards", "--val", "0.25", "--test", "0.25",
+                                 "--short-side", "64", "--shard-size", "8", "--processes", "1"], mounts)
         record("trainer", "ENTRYPOINT split: shards", r)
         # The manifests' command and arguments (bincounter/k8s/objects.py); torchrun takes the process
         # count and the rendezvous from PET_* variables, as PyTorchJob and TrainJob set them.

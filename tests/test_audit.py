@@ -229,7 +229,7 @@ def test_rerun_with_other_settings_is_refused(model_dir, real_abid, real_audit):
 def test_killed_run_resumes_without_partial_files(model_dir, synthetic_abid, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bincounter.cli", "audit", "--model", model_dir, "--source", synthetic_abid,
-           "--output", str(out), "--chunk-size", "4", "--limit", "60", "--workers", "1", "--batch-size", "2",
+           "--output", str(out), "--chunk-size", "4", "--limit", "60", "--concurrency", "1", "--batch-size", "2",
            "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread: the tests share 2 cores
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

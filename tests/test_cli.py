@@ -54,7 +54,7 @@ def test_help_shows_where_the_pipeline_default_differs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["download", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "[the pipeline's download_workers defaults to 32]" in out
+    assert "[the pipeline's download_concurrency defaults to 32]" in out
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())

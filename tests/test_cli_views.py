@@ -83,3 +83,38 @@ def test_written_files_follow_the_umask_secrets_excepted(tmp_path):
         os.umask(old)
     mode = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.json", "token", "c.json")}
     assert mode == {"a.json": 0o644, "b.json": 0o644, "token": 0o600, "c.json": 0o640}
+
+
+def test_split_evaluate_and_audit_show_progress_bars_with_totals(synthetic_abid, tmp_path, capsys):
+    import re
+
+    import torch
+
+    from bincounter import cli
+
+    def bar(err: str, desc: str) -> tuple[int, int]:
+        """The last state of the bar ``desc`` that tqdm drew on stderr: (done, total)."""
+        states = re.findall(rf"{re.escape(desc)}: +\d+%\|[^|]*\| *(\d+)/(\d+)", err)
+        assert states, err[-2000:]
+        return tuple(map(int, states[-1]))
+
+    split_dir, model_dir = str(tmp_path / "split"), str(tmp_path / "model")
+    assert cli.main(["split", synthetic_abid, "--output", split_dir, "--short-side", "40", "--shard-size", "100",
+                     "--processes", "1", "--val", "0.15", "--test", "0.15"]) == 0
+    assert bar(capsys.readouterr().err, "split") == (240, 240)  # every bin of the synthetic set
+
+    torch.manual_seed(0)
+    cfg = model_lib.ModelConfig(arch="resnet18", max_count=5, input_size=32, resize_size=36)
+    model_lib.save_model_dir(model_lib.build_model("resnet18", cfg.num_classes), cfg, model_dir)
+    assert cli.main(["evaluate", "--model", model_dir, "--data", split_dir, "--split", "test", "--output",
+                     str(tmp_path / "eval"), "--loader-workers", "0", "--device", "cpu"]) == 0
+    done, total = bar(capsys.readouterr().err, "evaluate (test)")
+    assert done == total == storage.read_json(f"{tmp_path}/eval/metrics.json")["samples"]
+
+    assert cli.main(["audit", "--model", model_dir, "--source", synthetic_abid, "--output", str(tmp_path / "audit"),
+                     "--limit", "20", "--concurrency", "1", "--batch-size", "10", "--device", "cpu"]) == 0
+    assert bar(capsys.readouterr().err, "audit") == (20, 20)
+
+    assert cli.main(["split", synthetic_abid, "--output", str(tmp_path / "quiet"), "--short-side", "40",
+                     "--processes", "1", "--no-progress"]) == 0
+    assert "split:" not in capsys.readouterr().err

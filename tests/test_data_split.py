@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from bincounter.data import abid, shards
+from bincounter.data import split as split_lib
 from bincounter.data.split import split, stratified
 
 from conftest import SYNTH_IMAGES
@@ -130,9 +131,13 @@ def test_empty_source_is_a_clear_error(tmp_path):
         split(str(tmp_path / "empty"), out=str(tmp_path / "o"))
 
 
-def test_parallel_split_writes_byte_identical_shards(synthetic_abid, tmp_path):
-    """Processes re-encode chunks concurrently, yet the shards are the same bytes as with one process."""
+@pytest.mark.parametrize("ahead", [1, split_lib.AHEAD])
+def test_parallel_split_writes_byte_identical_shards(synthetic_abid, tmp_path, monkeypatch, ahead):
+    """Processes re-encode chunks concurrently, yet the shards are the same bytes as with one process.
+    Chunks of 32 cross the shards of 40; with ``ahead=1`` only 2 chunks are queued at a time."""
     import hashlib
+
+    monkeypatch.setattr(split_lib, "AHEAD", ahead)
 
     def digests(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

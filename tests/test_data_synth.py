@@ -18,7 +18,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_cli_writes_the_abid_layout_deterministically(tmp_path):
-    assert cli.main(["synth", str(tmp_path / "a"), "--images", "24", "--max-count", "4", "--seed", "3"]) == 0
+    assert cli.main(["synth", "--output", str(tmp_path / "a"), "--images", "24", "--max-count", "4", "--seed", "3"]) == 0
     synthesize(str(tmp_path / "b"), images=24, max_count=4, seed=3, workers=1)  # another order of work
     synthesize(str(tmp_path / "c"), images=24, max_count=4, seed=4)
     a, b, c = _tree(tmp_path / "a"), _tree(tmp_path / "b"), _tree(tmp_path / "c")
@@ -26,6 +26,17 @@ def test_cli_writes_the_abid_layout_deterministically(tmp_path):
     assert a.keys() == c.keys() and a != c
     ids = [f"{i + 1:05d}" for i in range(24)]
     assert sorted(a) == sorted([f"bin-images/{i}.jpg" for i in ids] + [f"metadata/{i}.json" for i in ids])
+
+
+def test_the_old_positional_dest_still_works_with_a_warning(tmp_path, capsys):
+    assert cli.main(["synth", str(tmp_path / "old"), "--images", "3"]) == 0
+    assert "positional DEST is deprecated and goes in the next release; use --output" in capsys.readouterr().err
+    assert len(list((tmp_path / "old" / "metadata").iterdir())) == 3
+    assert cli.main(["synth", str(tmp_path / "x"), "--output", str(tmp_path / "y"), "--images", "3"]) == 2
+    assert cli.main(["synth", "--images", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: give the output once: --output" in err and "required: --output" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_records_are_valid_abid_with_consistent_labels(tmp_path):

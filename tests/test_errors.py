@@ -118,7 +118,7 @@ def _write_model(folder: Path):
 # ---------------------------------------------------------------- S3: buckets and credentials
 
 @pytest.mark.parametrize("argv", [
-    ["synth", "s3://{bucket}/bins", "--images", "2"],
+    ["synth", "--output", "s3://{bucket}/bins", "--images", "2"],
     ["download", "--source", "s3://{bucket}", "--output", "{tmp}/dl", "--auth", "signed"],
     ["split", "s3://{bucket}/abid", "--output", "{tmp}/split"],
     ["download", "--source", "{tmp}", "--output", "s3://{bucket}/abid"],
@@ -142,7 +142,7 @@ def test_no_credentials_says_how_to_provide_them(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: signing fails first
     storage.s3_client.cache_clear()
     try:
-        code, err = run_cli(capsys, "synth", "s3://some-bucket/bins", "--images", "2")
+        code, err = run_cli(capsys, "synth", "--output", "s3://some-bucket/bins", "--images", "2")
     finally:
         storage.s3_client.cache_clear()
     assert code == 1
@@ -162,7 +162,7 @@ def test_no_credentials_says_how_to_provide_them(capsys, tmp_path, monkeypatch):
     (["serve", "--model", "{tmp}", "--port", "99999"], "argument --port: must be a TCP port"),
     (["serve", "--model", "{tmp}", "--max-batch-size", "0"], "argument --max-batch-size"),
     (["serve", "--model", "{tmp}", "--max-image-pixels", "-5"], "argument --max-image-pixels"),
-    (["synth", "{tmp}", "--images", "many"], "expected an integer, got 'many'"),
+    (["synth", "--output", "{tmp}", "--images", "many"], "expected an integer, got 'many'"),
 ])
 def test_invalid_numbers_are_usage_errors(capsys, tmp_path, argv, needle):
     code, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])

@@ -29,7 +29,7 @@ def _download(tmp_path: Path, work: str, source: str, name: str, **kw) -> dsl.Da
 
 def _split(tmp_path: Path, raw: dsl.Dataset, work: str, run_id: str, name: str, **kw) -> dsl.Dataset:
     shards = dsl.Dataset(uri=str(tmp_path / name), name="shards", metadata={})
-    split.python_func(raw=raw, shards=shards, work_uri=work, run_id=run_id, short_side=64, shard_size=50, workers=1,
+    split.python_func(raw=raw, shards=shards, work_uri=work, run_id=run_id, short_side=64, shard_size=50, processes=1,
                       **kw)
     return shards
 
@@ -73,3 +73,28 @@ def test_split_uri_starts_from_an_existing_split(tmp_path, synthetic_split, caps
     assert shards.metadata["uri"] == synthetic_split
     assert Path(shards.path, "manifest.json").is_file()
     assert "using the existing split" in capsys.readouterr().out
+
+
+def test_the_old_download_workers_parameter_still_sets_the_concurrency(tmp_path, synthetic_abid, capsys):
+    import yaml
+
+    from bincounter.data import download as download_lib
+
+    work = str(tmp_path / "work")
+    raw = _download(tmp_path, work, synthetic_abid, "raw1", limit=10, concurrency=5)
+    assert json.loads(Path(raw.path, download_lib.SUMMARY).read_text())["workers"] == 5
+    assert "deprecated" not in capsys.readouterr().out
+
+    raw = _download(tmp_path, work, synthetic_abid, "raw2", limit=12, concurrency=5, deprecated_workers=3)
+    assert json.loads(Path(raw.path, download_lib.SUMMARY).read_text())["workers"] == 3
+    assert "download_workers is deprecated and goes in the next release; use download_concurrency" \
+        in capsys.readouterr().out
+
+    # pipeline.yaml hands both pipeline parameters to the step, the old one unset (0) by default.
+    spec = next(yaml.safe_load_all(Path(__file__).resolve().parents[1].joinpath("pipeline.yaml").read_text()))
+    [inputs] = [c["dag"]["tasks"]["download"]["inputs"]["parameters"] for c in spec["components"].values()
+                if "download" in c.get("dag", {}).get("tasks", {})]
+    assert inputs["concurrency"]["componentInputParameter"] == "pipelinechannel--download_concurrency"
+    assert inputs["deprecated_workers"]["componentInputParameter"] == "pipelinechannel--download_workers"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["download_workers"]["defaultValue"] == 0 and params["download_concurrency"]["defaultValue"] == 32

@@ -32,7 +32,7 @@ EPOCHS = 8
 GLOBAL_BATCH = 16
 # Small and explicit: the recipe's defaults (ResNet-50 with downloaded weights at 384 px) are far too big here.
 COMMON = ["--arch", "resnet18", "--pretrained", "", "--input-size", "64", "--epochs", str(EPOCHS),
-          "--lr", "2e-3", "--warmup-epochs", "1", "--workers", "1", "--seed", "0", "--print-freq", "1",
+          "--lr", "2e-3", "--warmup-epochs", "1", "--loader-workers", "1", "--seed", "0", "--print-freq", "1",
           # 8 epochs on 170 bins with the device augmentation: the recipe's label smoothing and weight
           # decay (made for 324k bins and 30 epochs) leave this tiny run short of the skill the test asks for
           "--label-smoothing", "0", "--weight-decay", "1e-4"]

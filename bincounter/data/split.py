@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from bincounter.data.shards import MANIFEST, SPLITS
 FORMAT = "bincounter-shards/1"
 CHUNK = 32  # images per task handed to a worker process
 READ_THREADS = 8  # concurrent reads per worker process (S3 latency hides behind them)
+AHEAD = 4  # chunks queued per worker process
 
 
 def load_source(source: str, *, endpoint_url: str | None = None) -> tuple[str, abid.ScanResult]:
@@ -205,22 +207,34 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _prepared(pool: Executor | None, records: list[abid.BinRecord], root: str, short_side: int,
-              endpoint_url: str | None):
-    """``(record, jpeg or Skipped)`` in ``records`` order, computed ``CHUNK`` images per task."""
+              endpoint_url: str | None, window: int = 1):
+    """``(record, jpeg or Skipped)`` in ``records`` order, computed ``CHUNK`` images per task.
+
+    With a pool, ``window`` chunks (``AHEAD`` per process) stay queued across shard boundaries, so no process
+    idles while this one writes and uploads a shard; the bound keeps memory flat."""
     chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
-    args = ([root] * len(chunks), [[r.id for r in c] for c in chunks], [short_side] * len(chunks),
-            [endpoint_url] * len(chunks))
-    results = pool.map(prepare_chunk, *args) if pool else map(prepare_chunk, *args)
-    for chunk, res in zip(chunks, results):  # Executor.map yields in submission order
-        yield from zip(chunk, res)
+    if pool is None:
+        for chunk in chunks:
+            yield from zip(chunk, prepare_chunk(root, [r.id for r in chunk], short_side, endpoint_url))
+        return
+    queued: deque = deque()
+    for chunk in chunks:
+        queued.append((chunk, pool.submit(prepare_chunk, root, [r.id for r in chunk], short_side, endpoint_url)))
+        if len(queued) >= window:
+            done, fut = queued.popleft()
+            yield from zip(done, fut.result())
+    while queued:
+        done, fut = queued.popleft()
+        yield from zip(done, fut.result())
 
 
 def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: str, short_side: int,
                  shard_size: int, pool: Executor | None, endpoint_url: str | None, skipped: list[abid.Skipped],
-                 samples_for_grid: list) -> dict:
+                 samples_for_grid: list, bar, window: int) -> dict:
     import webdataset as wds
 
     shards, written, per_shard = [], [], []
+    prepared = _prepared(pool, records, root, short_side, endpoint_url, window)  # one stream for the whole split
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(records), shard_size):
             rel = f"{name}/shard-{len(shards):06d}.tar"
@@ -228,7 +242,8 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
             n = 0
             with open(local, "wb") as f:
                 writer = wds.TarWriter(f, mtime=0.0)  # fixed mtime: same input, same shard bytes
-                for rec, res in _prepared(pool, records[start:start + shard_size], root, short_side, endpoint_url):
+                for rec, res in itertools.islice(prepared, shard_size):  # records[start:start + shard_size]
+                    bar.update(1)
                     if isinstance(res, abid.Skipped):
                         skipped.append(res)
                         continue
@@ -281,12 +296,15 @@ def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
 def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: int = 0,
           short_side: int = 0, shard_size: int = 1000, train_ids: str | None = None,
           val_ids: str | None = None, test_ids: str | None = None, workers: int = 0,
-          endpoint_url: str | None = None) -> dict:
+          endpoint_url: str | None = None, progress: bool = False) -> dict:
     """Split ``source`` (download folder or its manifest.json) into shards under ``out``; return the manifest.
 
     ``short_side``: 0 follows the trainer's default input size (``presets.short_side_for``).
     ``workers``: processes that re-encode images (0: :func:`default_workers`; 1: this process only).
+    ``progress`` shows a progress bar on stderr: images re-encoded of the total assigned.
     """
+    from tqdm import tqdm
+
     _check_fractions(val, test)
     short_side = short_side or _default_short_side()
     if shard_size < 1 or short_side < 1 or workers < 0:
@@ -297,6 +315,7 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     if not source.endswith(".json"):
         storage.check_folder(source, what="source folder")
     root, scanned = load_source(source, endpoint_url=endpoint_url)
+    timings = {"scan": time.perf_counter() - t0}
     if not scanned.records:
         raise ValueError(f"No usable ABID records in {source} (skipped: {scanned.skipped_by_reason() or 'none'}). "
                          "Expected bin-images/<id>.jpg + metadata/<id>.json, or a download manifest.json.")
@@ -316,16 +335,22 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
     splits = {}
     many = sum(len(r) for r in assignment.values()) > CHUNK  # else starting processes costs more than it saves
     pool = _process_pool(workers) if workers > 1 and many else None
+    bar = tqdm(total=sum(len(r) for r in assignment.values()), unit="img", desc="split", disable=not progress,
+               dynamic_ncols=True)
+    t_shards = time.perf_counter()
     try:
         for name in SPLITS:
             recs = assignment[name]
             random.Random(f"order:{seed}:{name}").shuffle(recs)  # mix classes within every shard
             splits[name] = _write_split(name, recs, root=root, out=out, short_side=short_side,
                                         shard_size=shard_size, pool=pool, endpoint_url=endpoint_url,
-                                        skipped=skipped, samples_for_grid=grid)
+                                        skipped=skipped, samples_for_grid=grid, bar=bar,
+                                        window=AHEAD * workers)
     finally:
+        bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
+    timings["shards"] = time.perf_counter() - t_shards
     skipped.sort(key=lambda s: s.id)
     by_reason = abid.ScanResult(skipped=skipped).skipped_by_reason()
     total: Counter = Counter()
@@ -337,14 +362,18 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
                     "skipped": len(skipped), "skipped_by_reason": by_reason}
     storage.write_bytes(storage.join(out, "class_distribution.json"),
                         json.dumps(distribution, indent=2).encode(), endpoint_url=endpoint_url)
+    t_plots = time.perf_counter()
     _plots(out, splits, grid, endpoint_url)
+    timings["plots"] = time.perf_counter() - t_plots
     manifest = {"format": FORMAT, "source": str(source), "assignment": how, "seed": seed, "val": val,
                 "test": test, "train_ids": train_ids, "val_ids": val_ids, "test_ids": test_ids,
                 "short_side": short_side, "shard_size": shard_size, "workers": workers, "splits": splits,
                 "skipped": [s.as_dict() for s in skipped], "skipped_by_reason": by_reason, **notes,
                 "files": {"class_distribution": "class_distribution.json",
                           "class_distribution_png": "class_distribution.png", "samples_png": "samples.png"},
-                "seconds": round(time.perf_counter() - t0, 3)}
+                "seconds": round(time.perf_counter() - t0, 3),
+                # where the time went: listing and reading metadata, re-encoding and writing shards, the plots
+                "seconds_by_phase": {k: round(v, 3) for k, v in timings.items()}}
     storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=2).encode(),
                         endpoint_url=endpoint_url)
     return manifest
@@ -379,6 +408,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="processes that re-encode images; 0: every core available (default: %(default)s)")
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -386,7 +416,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = split(args.source, out=args.out, val=args.val, test=args.test, seed=args.seed,
                      short_side=args.short_side, shard_size=args.shard_size, train_ids=args.train_ids,
                      val_ids=args.val_ids, test_ids=args.test_ids, workers=args.workers,
-                     endpoint_url=args.endpoint_url)
+                     endpoint_url=args.endpoint_url, progress=not args.no_progress)
     print(summary_text(manifest))
     print(f"manifest: {storage.join(args.out, MANIFEST)}")
     return 0

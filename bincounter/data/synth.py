@@ -22,6 +22,7 @@ import io
 import json
 import random
 import string
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,7 +222,8 @@ def synthesize(dest: str, *, images: int, max_count: int, seed: int = 0, workers
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""), add_help=add_help)
-    p.add_argument("dest", help="output folder or s3://bucket/prefix")
+    p.add_argument("--output", default=None, help="output folder or s3://bucket/prefix (required)")
+    p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional spelling
     p.add_argument("--images", type=int, default=300, help="number of bins to generate (default: %(default)s)")
     p.add_argument("--max-count", type=int, default=5,
                    help="items per bin are uniform over 0..K (default: %(default)s)")
@@ -232,8 +234,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def output_arg(args: argparse.Namespace) -> str:
+    """``--output``, or the deprecated positional DEST (one release, with a warning)."""
+    from bincounter import errors
+
+    if args.dest is not None and args.output is not None:
+        raise errors.UsageError(f"give the output once: --output {args.output} (the positional DEST "
+                                f"{args.dest} is the deprecated spelling)")
+    if args.dest is not None:
+        print("warning: the positional DEST is deprecated and goes in the next release; use --output DEST",
+              file=sys.stderr)
+        return args.dest
+    if args.output is None:
+        raise errors.UsageError("the following arguments are required: --output")
+    return args.output
+
+
 def main(args: argparse.Namespace) -> int:
-    summary = synthesize(args.dest, images=args.images, max_count=args.max_count, seed=args.seed,
+    summary = synthesize(output_arg(args), images=args.images, max_count=args.max_count, seed=args.seed,
                          workers=args.workers, endpoint_url=args.endpoint_url)
     print(json.dumps(summary, indent=2))
     return 0
