@@ -62,7 +62,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator
 
@@ -272,29 +272,41 @@ class _S5cmd:
 
         A URI ending in ``/*`` copies everything under it into the folder ``path`` (s5cmd lists
         instead of sending a HEAD per named object)."""
+        return set(self.stream(pairs, scratch))
+
+    def stream(self, pairs: list[tuple[str, Path]], scratch: Path) -> Iterator[str]:
+        """:meth:`copy`, yielding each source URI as soon as s5cmd reports it copied, so that the
+        caller checks and lands objects while the rest are still in flight."""
         if not pairs:
-            return set()
+            return
         for d in {p if src.endswith("/*") else p.parent for src, p in pairs}:
             d.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=scratch, prefix=".s5cmd-", suffix=".txt", delete=False) as f:
             f.write("".join(f"cp {src} {dst}/\n" if src.endswith("/*") else f"cp {src} {dst}\n"
                             for src, dst in pairs))  # no shell reads this file: no quoting
         try:
-            proc = subprocess.run(self.cmd + ["run", f.name], capture_output=True, text=True,
-                                  preexec_fn=_die_with_parent)
+            with tempfile.TemporaryFile("w+", dir=scratch) as err, \
+                    subprocess.Popen(self.cmd + ["run", f.name], stdout=subprocess.PIPE, stderr=err, text=True,
+                                     preexec_fn=_die_with_parent) as proc:
+                finished = False
+                try:
+                    for line in proc.stdout:  # one JSON document per finished operation
+                        try:
+                            doc = json.loads(line)
+                        except ValueError:
+                            continue
+                        if doc.get("success") and doc.get("operation") == "cp":
+                            yield doc["source"]
+                    finished = True
+                finally:
+                    if not finished:
+                        proc.kill()  # the caller stopped early (an error, Ctrl-C): no orphan transfers
+                returncode = proc.wait()
+                if returncode not in (0, 1):  # 1: some commands failed (reported per object); else s5cmd broke
+                    err.seek(0)
+                    raise RuntimeError(f"s5cmd exited {returncode}: {err.read().strip()[-500:]}")
         finally:
             Path(f.name).unlink(missing_ok=True)
-        copied = set()
-        for line in proc.stdout.splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if doc.get("success") and doc.get("operation") == "cp":
-                copied.add(doc["source"])
-        if proc.returncode not in (0, 1):  # 1: some commands failed (reported per object); else s5cmd itself broke
-            raise RuntimeError(f"s5cmd exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        return copied
 
 
 def _die_with_parent() -> None:
@@ -499,14 +511,13 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         return {"id": id_, "count": rec.count, "bytes": len(img)}
 
     def s5cmd_whole(pool: ThreadPoolExecutor) -> tuple[list, list[tuple[str, int | None]]]:
-        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, then every
+        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, and every
         bin of the metadata listing (the truth: our own listing, not s5cmd's) is checked and
-        landed as in a batch; a listed bin s5cmd did not deliver goes through one()."""
-        with ThreadPoolExecutor(1) as lister:
-            listed = lister.submit(list, candidates)  # our listing runs while s5cmd copies
-            s5cmd.copy([(f"{store.source}/{abid.METADATA_DIR}/*", staging / abid.METADATA_DIR),
-                        (f"{store.source}/{abid.IMAGES_DIR}/*", staging / abid.IMAGES_DIR)], staging)
-            bins = listed.result()
+        landed as in a batch; a listed bin s5cmd did not deliver goes through one().
+
+        A bin is landed as soon as both its objects have arrived, while s5cmd still copies the
+        rest, so checking and renaming add no time after the last transfer. Only listed bins are
+        landed: those that arrive before the listing is done (its first seconds) wait for it."""
 
         def land_listed(bin_: tuple[str, int | None]):
             id_ = bin_[0]
@@ -524,8 +535,36 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 meta_path.unlink()  # metadata without image, or a failed transfer: one() tells which
             return out
 
+        meta_prefix, img_prefix = f"{store.source}/{abid.METADATA_DIR}/", f"{store.source}/{abid.IMAGES_DIR}/"
+        halves: dict[str, int] = Counter()  # id -> objects of its bin arrived (metadata, image)
+        waiting: list[str] = []  # complete bins that arrived before the listing was done
+        landing: dict[str, Future] = {}
+        listed_ids: set[str] | None = None
+        with ThreadPoolExecutor(1) as lister:
+            listed = lister.submit(list, candidates)  # our listing runs while s5cmd copies
+            for uri in s5cmd.stream([(meta_prefix + "*", staging / abid.METADATA_DIR),
+                                     (img_prefix + "*", staging / abid.IMAGES_DIR)], staging):
+                if uri.startswith(meta_prefix) and uri.endswith(".json"):
+                    id_ = uri[len(meta_prefix):-len(".json")]
+                elif uri.startswith(img_prefix) and uri.endswith(".jpg"):
+                    id_ = uri[len(img_prefix):-len(".jpg")]
+                else:
+                    continue
+                halves[id_] += 1
+                if halves[id_] == 2:
+                    waiting.append(id_)
+                if listed_ids is None and listed.done():
+                    listed_ids = {i for i, _ in listed.result()}
+                if listed_ids is not None:
+                    landing.update((i, pool.submit(land_listed, (i, None))) for i in waiting if i in listed_ids)
+                    waiting.clear()
+            bins = listed.result()
+
+        not_yet = [b for b in bins if b[0] not in landing]
+        landed = dict(zip((b[0] for b in not_yet), pool.map(land_listed, not_yet)))
         outs, rest = [], []
-        for bin_, out in zip(bins, pool.map(land_listed, bins)):  # file reads and renames release the GIL
+        for bin_ in bins:  # in listing order
+            out = landing[bin_[0]].result() if bin_[0] in landing else landed[bin_[0]]
             if out is None:
                 rest.append(bin_)
             else:
