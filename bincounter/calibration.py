@@ -120,11 +120,9 @@ def evaluation_figures(logits: np.ndarray, labels: Sequence[int], temperature: f
 
 def plot_reliability(before: list[dict], after: list[dict] | None = None, title: str = "") -> bytes:
     """The reliability diagram as a PNG: accuracy against confidence per bin, the diagonal is perfect."""
-    import matplotlib
+    from bincounter.plots import pyplot
 
-    matplotlib.use("Agg")  # no display on servers and in pods
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=100)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
     for bins, name, colour in ((before, "T = 1", "tab:red"), (after, "calibrated", "tab:blue")):

@@ -107,6 +107,7 @@ def evaluate(model_dir: str, data: str, split: str = "test", output: str | None 
 
     from bincounter.data.loader import ShardDataset, count_samples, make_loader
 
+    plots.pyplot()  # the plots come last: a missing matplotlib fails now, not after the forward passes
     dev = distributed.select_device(device, distributed.DistEnv())
     net, cfg = model_lib.load_model_dir(model_dir, device=dev)
     if dev.type == "cuda":

@@ -19,12 +19,19 @@ def items(n: int) -> str:
     return f"{n} item" if n == 1 else f"{n} items"
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display in pods), or one clear error where the
+    ``train`` extra is not installed (the model server image has no matplotlib)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from bincounter.errors import UserError
 
+        raise UserError("drawing the plots needs matplotlib, which is not installed: "
+                        "pip install 'bincounter[train]'") from None
     return plt
 
 
@@ -32,7 +39,7 @@ DPI = 90
 
 
 def _png(fig, tight: bool = True) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     if tight:
         fig.tight_layout()
@@ -45,7 +52,7 @@ def _png(fig, tight: bool = True) -> bytes:
 def _image_grid(rows: int, cols: int, cell: tuple[float, float]):
     """A figure of ``rows`` x ``cols`` image cells (inches), axes off, laid out by fixed margins:
     tight_layout measures every caption of every cell, which took seconds for a 6-row grid."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
     caption = 0.4  # inches above each image: two lines of 8-9 pt text
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.05 / (cell[1] * rows), top=1 - caption / (cell[1] * rows),
@@ -73,7 +80,7 @@ def training_curves(history: Sequence[dict]) -> bytes:
     Training records the train loss per epoch but no train accuracy (it would cost a second
     pass over the training data); the accuracy panel shows val accuracy and val within-1.
     """
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in (("train-loss", "train"), ("val-loss", "val")):
@@ -89,6 +96,21 @@ def training_curves(history: Sequence[dict]) -> bytes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+    return _png(fig)
+
+
+def class_distribution(class_counts: dict[str, dict[str, int]]) -> bytes:
+    """Images per count, one bar per split side by side (``{split: {count: images}}``)."""
+    plt = pyplot()
+    classes = sorted({int(c) for cc in class_counts.values() for c in cc})
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 3), 4))
+    width = 0.8 / max(1, len(class_counts))
+    for k, (name, cc) in enumerate(class_counts.items()):
+        offset = (k - (len(class_counts) - 1) / 2) * width
+        ax.bar([c + offset for c in classes], [cc.get(str(c), 0) for c in classes], width, label=name)
+    ax.set(xlabel="items in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class distribution")
+    ax.set_xticks(classes)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
     return _png(fig)
 
 
@@ -113,7 +135,7 @@ def confusion(cm, class_names: Sequence[str], title: str = "") -> bytes:
     """Counts and the row-normalised view (recall per true count) side by side, each with a colour bar."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     recall = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)

@@ -516,7 +516,13 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> d
 
     writer = tb_dir = None
     if main_process:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's module imports the tensorboard package, of the train extra
+            from bincounter.errors import UserError
+
+            raise UserError("training writes TensorBoard logs, and tensorboard is not installed: "
+                            "pip install 'bincounter[train]'") from None
 
         tb_dir = _LocalMirror(cfg.tensorboard_dir or storage.join(cfg.output, "tensorboard"))
         writer = SummaryWriter(tb_dir.path, purge_step=start_epoch + 1)

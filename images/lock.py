@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "images" / "constraints.txt"
-# The extras the Dockerfiles install (the trainer installs the core alone).
-IMAGE_EXTRAS = ("serve", "pipeline")
+# The extras the Dockerfiles install.
+IMAGE_EXTRAS = ("train", "serve", "pipeline")
 PLATFORM = "x86_64-manylinux_2_28"  # python:3.11-slim-bookworm has glibc 2.36
 
 

@@ -118,3 +118,21 @@ def test_split_evaluate_and_audit_show_progress_bars_with_totals(synthetic_abid,
     assert cli.main(["split", synthetic_abid, "--output", str(tmp_path / "quiet"), "--short-side", "40",
                      "--processes", "1", "--no-progress"]) == 0
     assert "split:" not in capsys.readouterr().err
+
+
+def test_without_the_train_extra_a_plot_is_one_clear_error(synthetic_abid, tmp_path, monkeypatch, capsys):
+    """The model server image has no matplotlib (pyproject's train extra); a command that draws
+    says which package and extra it needs instead of a traceback."""
+    import sys
+
+    from bincounter import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(Exception, match=r"needs matplotlib, which is not installed: pip install 'bincounter\[train\]'"):
+        plots.pyplot()
+    assert cli.main(["split", synthetic_abid, "--output", str(tmp_path / "s"), "--short-side", "32",
+                     "--processes", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: drawing the plots needs matplotlib, which is not installed: pip install 'bincounter[train]'"]
+    assert not (tmp_path / "s").exists()  # checked before any shard was written

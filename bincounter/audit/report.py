@@ -20,11 +20,9 @@ THUMBS_DIR = "thumbnails"
 
 
 def _figure(draw) -> bytes:
-    import matplotlib
+    from bincounter.plots import pyplot
 
-    matplotlib.use("Agg")  # no display on servers and in pods
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 3.4), dpi=100)
     draw(ax)
     fig.tight_layout()

@@ -264,33 +264,10 @@ def _write_split(name: str, records: list[abid.BinRecord], *, root: str, out: st
 
 
 def _plots(out: str, splits: dict, grid: list, endpoint_url: str | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = sorted({int(c) for s in splits.values() for c in s["class_counts"]})
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 3), 4))
-    width = 0.8 / len(SPLITS)
-    for k, name in enumerate(SPLITS):
-        cc = splits[name]["class_counts"]
-        ax.bar([c + (k - 1) * width for c in classes], [cc.get(str(c), 0) for c in classes], width, label=name)
-    ax.set(xlabel="items in bin (EXPECTED_QUANTITY)", ylabel="images", title="Class distribution")
-    ax.set_xticks(classes)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
-    _save_fig(fig, storage.join(out, "class_distribution.png"), endpoint_url)
-
+    counts = {name: splits[name]["class_counts"] for name in SPLITS}
+    storage.write_bytes(storage.join(out, "class_distribution.png"), plots.class_distribution(counts),
+                        endpoint_url=endpoint_url)
     storage.write_bytes(storage.join(out, "samples.png"), plots.samples_by_count(grid), endpoint_url=endpoint_url)
-
-
-def _save_fig(fig, uri: str, endpoint_url: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue(), endpoint_url=endpoint_url)
 
 
 def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: int = 0,
@@ -311,6 +288,7 @@ def split(source: str, *, out: str, val: float = 0.1, test: float = 0.1, seed: i
         raise ValueError(f"--shard-size and --short-side must be >= 1 and --workers >= 0, "
                          f"got {shard_size}, {short_side} and {workers}")
     workers = workers or default_workers()
+    plots.pyplot()  # the plots come last: a missing matplotlib fails now, not after every shard is written
     t0 = time.perf_counter()
     if not source.endswith(".json"):
         storage.check_folder(source, what="source folder")
