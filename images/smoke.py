@@ -120,10 +120,7 @@ def smoke_trainer(ref: str, work: Path) -> Path:
         # The manifests' command and arguments (bincounter/k8s/objects.py); torchrun takes the process
         # count and the rendezvous from PET_* variables, as PyTorchJob and TrainJob set them.
         from bincounter.k8s import objects
-        argv = objects.train_command() + objects.train_args("/data/shards", "/data/model", [
-            "--arch", "resnet18", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--input-size", "64",
-            "--workers", "0",
-            "--device", "cpu", "--print-freq", "1"])
+        argv = objects.train_command() + objects.train_args("/data/shards", "/data/model", TRAIN_ARGS)
         start = time.monotonic()
         r = run_in(ctr, argv, mounts, env={"PET_NPROC_PER_NODE": "2", "PET_STANDALONE": "1"}, timeout=1800)
         model = data / "model"
@@ -134,6 +131,12 @@ def smoke_trainer(ref: str, work: Path) -> Path:
                ok=ok and ranks == 2,
                detail=f"{time.monotonic() - start:.0f} s, model folder: {', '.join(files)}")
     return model
+
+
+# The trainer's run: tiny and offline. `--pretrained ""` because the smoke test's network namespace
+# has no route out, and ImageNet weights (the recipe's default) would be downloaded.
+TRAIN_ARGS = ["--arch", "resnet18", "--pretrained", "", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4",
+              "--input-size", "64", "--loader-workers", "0", "--device", "cpu", "--print-freq", "1"]
 
 
 # ---------------------------------------------------------------- server

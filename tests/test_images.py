@@ -422,6 +422,24 @@ def test_smoke_finds_the_uid_of_a_listening_process():
         assert smoke.listening_uid(port) == os.getuid()
 
 
+def test_smoke_trains_offline_with_the_current_flags(capsys):
+    """The smoke test's network namespace has no route out: its training must not ask for ImageNet
+    weights (the recipe's default), and it uses no deprecated spelling (the first real run of
+    `make image-smoke` after the defaults changed failed on the weights download)."""
+    from bincounter.cli import prepare_parser
+    from bincounter.train import get_args_parser
+
+    sys.path.insert(0, str(ROOT / "images"))
+    try:
+        import smoke
+    finally:
+        sys.path.remove(str(ROOT / "images"))
+    parsed = prepare_parser(get_args_parser(add_help=False), "train").parse_args(
+        ["--data", "/data/shards", "--output", "/data/model", *smoke.TRAIN_ARGS])
+    assert parsed.pretrained == "" and parsed.epochs == 1
+    assert "deprecated" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- referenced images
 
 def referenced_images(docs) -> set[str]:
