@@ -11,8 +11,8 @@
 The demo uses a SMALL configuration so that it finishes in minutes on 2 CPU
 cores: ResNet18 from scratch, 64 px inputs, 600 synthetic images, 8 epochs,
 2 one-epoch tuning trials. Production defaults (``pipeline.py``): ResNet50
-from ImageNet weights, 224 px, the full ABID bucket, 20 epochs, 12 Katib trials,
-2 GPU workers. Everything lands in ``./demo-output/``.
+from ImageNet weights, 384 px, the full ABID bucket, 30 epochs, 12 Katib trials,
+2 GPU workers (printed at the end from ``pipeline.yaml``). Everything lands in ``./demo-output/``.
 """
 
 from __future__ import annotations
@@ -123,6 +123,17 @@ def task_outputs(run_dir: Path) -> dict[str, dict]:
     for path in sorted(run_dir.glob("*/executor_output.json")):
         out[path.parent.name] = json.loads(path.read_text())
     return out
+
+
+def production_defaults() -> str:
+    """The pipeline's own defaults, read from the compiled pipeline.yaml (never a copy that drifts)."""
+    from bincounter.submit import DEFAULT_PIPELINE_FILE, pipeline_parameters
+
+    d = {name: p["default"] for name, p in pipeline_parameters(DEFAULT_PIPELINE_FILE).items()}
+    weights = "ImageNet weights" if d["pretrained"] == "imagenet" else (d["pretrained"] or "scratch")
+    return (f"Production defaults (pipeline.py): {d['arch']} from {weights}, {int(d['input_size'])} px, "
+            f"the full ABID bucket, {int(d['epochs'])} epochs, {int(d['tune_trials'])} Katib trials, "
+            f"{int(d['workers'])} workers x {int(d['gpus_per_worker'])} GPU.")
 
 
 def run_local_pipeline(pipeline_root: str | Path, **params) -> tuple[Path, dict[str, dict], dict[str, float]]:
@@ -245,15 +256,17 @@ def print_summary(summary: dict[str, Any], cfg: dict[str, Any]) -> None:
     print(f"SMALL demo config: {cfg['arch']} from scratch, {cfg['input_size']} px, {cfg['images']} synthetic bins "
           f"(0..{cfg['max_count']} items), {cfg['epochs']} epochs on {cfg['processes']} processes, "
           f"{cfg['tune_trials']} tuning trials of {cfg['tune_epochs']} epochs.")
-    print("Production defaults (pipeline.py): resnet50 from ImageNet weights, 224 px, the full ABID bucket, "
-          "20 epochs, 12 Katib trials, 2 GPU workers.")
+    print(production_defaults())
     print("\nTime per stage (s):")
     for stage, s in summary["seconds"].items():
         print(f"  {stage:<10} {s:>7.1f}")
     print(f"\nSplit ({summary['split_uri']}):\n" + summary["split"])
     print(f"\nBest hyperparameters: {json.dumps(summary['best_params'])}")
     m = summary["test_metrics"]
-    print("Test metrics: " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    from bincounter.report import METRIC_NAMES
+
+    print("Test metrics: " + "  ".join(f"{METRIC_NAMES.get(k, k)} {v:.3f}" if isinstance(v, float)
+                                       else f"{METRIC_NAMES.get(k, k)} {v}" for k, v in m.items()))
     print(f"\nServed at {summary['endpoint']} (stopped now). Predictions:")
     for p in summary["predictions"]:
         print(f"  bin {p['id']}: counted {p['count']} (confidence {p['confidence']:.2f}), true {p['true_count']}")

@@ -74,7 +74,7 @@ def evaluate(
     os.makedirs(evaluation.path, exist_ok=True)
     result = evaluate_lib.evaluate(model.path, data, "test", output=evaluation.path, batch_size=batch_size)
     for name in ("accuracy", "within1", "rmse", "mae", "macro_f1", "samples"):
-        metrics.log_metric(name.replace("_", "-"), result[name])
+        metrics.log_metric(name, result[name])  # the names of metrics.json, macro_f1 included
     confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
     history_file = os.path.join(model.path, "metrics.json")  # training's per-epoch record
     curves = None

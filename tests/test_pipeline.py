@@ -214,3 +214,17 @@ def test_component_files_import_only_stdlib_and_kfp_at_top_level():
         for line in top:
             module = line.split()[1]
             assert module in allowed or module.split(".")[0] in {"kfp", "typing"}, f"{path.name}: {line}"
+
+
+def test_the_demo_states_the_pipelines_own_defaults():
+    """`make demo` ends by saying what a production run would use: read from pipeline.yaml, so it
+    cannot go stale (it once said 224 px and 20 epochs after the recipe moved to 384 px and 30)."""
+    from bincounter.demo import production_defaults
+    from bincounter.submit import DEFAULT_PIPELINE_FILE, pipeline_parameters
+
+    d = {k: v["default"] for k, v in pipeline_parameters(DEFAULT_PIPELINE_FILE).items()}
+    text = production_defaults()
+    assert f"{d['arch']} from ImageNet weights" in text
+    for part in (f"{int(d['input_size'])} px", f"{int(d['epochs'])} epochs", f"{int(d['tune_trials'])} Katib trials",
+                 f"{int(d['workers'])} workers x {int(d['gpus_per_worker'])} GPU"):
+        assert part in text

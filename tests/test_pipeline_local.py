@@ -81,6 +81,8 @@ def test_whole_pipeline_locally_from_download_to_a_served_prediction(s3_endpoint
         metrics = outputs["evaluate"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]
         assert metrics["samples"] == shards["metadata"]["samples"]["test"]
         assert 0.0 <= metrics["accuracy"] <= 1.0
+        # one spelling per metric: the KFP Metrics artifact uses metrics.json's names (docs/cli.md)
+        assert set(metrics) == {"accuracy", "within1", "rmse", "mae", "macro_f1", "samples", "seconds"}
         cm = outputs["evaluate"]["artifacts"]["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
         assert sum(sum(r["row"]) for r in cm["rows"]) == metrics["samples"]
         report = Path(outputs["evaluate"]["artifacts"]["report"]["artifacts"][0]["uri"]).read_text()
