@@ -490,16 +490,20 @@ def test_predict_sends_token_and_host_header():
     assert (r.count, r.model_version) == (2, "5")
 
 
-def test_torch_threads_follow_the_pod_cpu_limit(monkeypatch):
-    """A pod limited to 1.5 CPUs on a big node gets 2 torch threads, not one per node core."""
+def test_torch_threads_and_split_processes_follow_the_pod_cpu_limit(monkeypatch):
+    """A pod limited to 1.5 CPUs on a big node gets 2 torch threads, not one per node core; split's
+    default process count follows the same limit."""
+    from bincounter import cpus
+    from bincounter.data import split as split_lib
+
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: 0.5)
-    assert serving_server.cpu_limit() == 1
-    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: 1.5)
-    assert serving_server.cpu_limit() == min(cores, 2)
-    monkeypatch.setattr(serving_server, "_cgroup_v2_quota", lambda: None)  # v2 without a limit
-    monkeypatch.setattr(serving_server, "_cgroup_v1_quota", lambda: None)
-    assert serving_server.cpu_limit() == cores
+    monkeypatch.setattr(cpus, "_cgroup_v2_quota", lambda: 0.5)
+    assert cpus.cpu_limit() == 1 and split_lib.default_workers() == 1  # split sizes its processes alike
+    monkeypatch.setattr(cpus, "_cgroup_v2_quota", lambda: 1.5)
+    assert cpus.cpu_limit() == min(cores, 2)
+    monkeypatch.setattr(cpus, "_cgroup_v2_quota", lambda: None)  # v2 without a limit
+    monkeypatch.setattr(cpus, "_cgroup_v1_quota", lambda: None)
+    assert cpus.cpu_limit() == cores == split_lib.default_workers()
 
 
 # ---------------------------------------------------------------- stock Open Inference Protocol clients as peers

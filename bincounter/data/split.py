@@ -7,7 +7,7 @@ see :func:`assign_from_files`). Every image is decoded, resized to ``--short-sid
 re-encoded as RGB JPEG; an unreadable one is skipped and reported, never written.
 ``--short-side`` defaults to what the model reads (``presets.short_side_for``), so no
 shard stores pixels that training throws away. The re-encoding runs in ``--workers``
-processes (default: every core this process may use), each fetching its chunk of images
+processes (default: every CPU this process may use, a container's CPU limit included), each fetching its chunk of images
 with a few threads; results are written in assignment order, so the shards are
 byte-identical for a seed whatever the number of processes. All
 counts are kept (labels are the raw EXPECTED_QUANTITY); training decides what to do with
@@ -40,7 +40,7 @@ from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from bincounter import plots, storage
+from bincounter import cpus, plots, storage
 from bincounter.errors import UsageError
 from bincounter.data import abid
 from bincounter.data.shards import MANIFEST, SPLITS
@@ -191,8 +191,8 @@ def _default_short_side() -> int:
 
 
 def default_workers() -> int:
-    """The cores this process may run on (a pod's cpuset or the whole machine)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may use: its cores, capped by a container's CPU quota (bincounter.cpus)."""
+    return cpus.cpu_limit()
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
@@ -383,7 +383,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--val-ids", default=None, help="standard split file for val (random_val.txt, counting_val.json)")
     p.add_argument("--test-ids", default=None, help="split file for test (default: carve --test from train)")
     p.add_argument("--workers", type=int, default=0,
-                   help="processes that re-encode images; 0: every core available (default: %(default)s)")
+                   help="processes that re-encode images; 0: every CPU this process may use, capped by a container's CPU "
+                        "limit (default: %(default)s)")
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint (default: AWS config / AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

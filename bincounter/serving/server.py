@@ -42,7 +42,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 from starlette.exceptions import HTTPException
 
-from bincounter import errors
+from bincounter import cpus, errors
 from bincounter.imaging import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
                                 DEFAULT_MAX_JPEG_SCANS, ImageError, ImageLimits)
 from bincounter.audit import online
@@ -423,35 +423,6 @@ async def _http_error(_, exc: HTTPException) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)
 
 
-def cpu_limit() -> int:
-    """CPUs this process may use: its affinity, capped by the cgroup CPU quota (a pod's CPU limit).
-
-    torch sizes its thread pool from the host's core count; in a pod limited to 2 CPUs on a
-    64-core node that means 64 spinning threads throttled to 2 CPUs, many times slower.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for read in (_cgroup_v2_quota, _cgroup_v1_quota):
-        try:
-            quota = read()
-        except (OSError, ValueError):
-            continue
-        if quota is not None:
-            return min(cpus, max(1, math.ceil(quota)))
-    return cpus
-
-
-def _cgroup_v2_quota() -> float | None:
-    with open("/sys/fs/cgroup/cpu.max") as f:
-        quota, period = f.read().split()
-    return None if quota == "max" else int(quota) / int(period)
-
-
-def _cgroup_v1_quota() -> float | None:
-    with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as g:
-        quota, period = int(f.read()), int(g.read())
-    return None if quota <= 0 else quota / period
-
-
 def readiness(model: BinCounterModel):
     """The server's readiness check (REST and gRPC): the model's. KServe's says True while the process runs."""
     async def ready() -> bool:
@@ -527,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(cpu_limit())
+        torch.set_num_threads(cpus.cpu_limit())
     logger.info("the forward pass uses %d intra-op threads", torch.get_num_threads())
     model = build_model(args)
     try:
