@@ -136,3 +136,19 @@ def test_without_the_train_extra_a_plot_is_one_clear_error(synthetic_abid, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: drawing the plots needs matplotlib, which is not installed: pip install 'bincounter[train]'"]
     assert not (tmp_path / "s").exists()  # checked before any shard was written
+
+
+def test_without_the_train_extra_training_is_one_clear_error(synthetic_split, tmp_path, monkeypatch, capsys):
+    """Training writes TensorBoard logs; where tensorboard is missing it says so before epoch 1."""
+    import sys
+
+    from bincounter import cli
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import raises ImportError
+    assert cli.main(["train", "--data", synthetic_split, "--output", str(tmp_path / "model"), "--arch", "resnet18",
+                     "--pretrained", "", "--input-size", "64", "--epochs", "1", "--loader-workers", "0",
+                     "--device", "cpu"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: training writes TensorBoard logs, and tensorboard is not installed: "
+                   "pip install 'bincounter[train]'"]
+    assert not (tmp_path / "model" / "model.pt").exists()
