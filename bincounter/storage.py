@@ -78,14 +78,38 @@ def _client(endpoint_url: str | None, unsigned: bool, max_attempts: int, _key_id
             _profile: str | None):
     import boto3
     import botocore
+    import botocore.session
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                     max_pool_connections=64)
     if unsigned:
         config = config.merge(Config(signature_version=botocore.UNSIGNED))
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, config=config)
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+    return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def parse_timestamp(value):
+    """botocore's timestamp parser with a fast path for the ISO 8601 form S3 lists in.
+
+    botocore hands every timestamp to dateutil, ~0.3 ms of CPU each: a listing of the whole
+    bucket carries a million ``LastModified`` values, so listing cost more CPU than copying.
+    ``datetime.fromisoformat`` gives the same value (same timezone class) in ~1 us; any other
+    form (RFC 822 headers, epoch numbers) goes to botocore's parser.
+    """
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    if isinstance(value, str) and value.endswith("Z") and "T" in value:
+        from datetime import datetime
+
+        from dateutil.tz import tzutc
+
+        try:
+            return datetime.fromisoformat(value[:-1]).replace(tzinfo=tzutc())
+        except ValueError:
+            pass
+    return botocore_parse(value)
 
 
 s3_client.cache_clear = _client.cache_clear  # type: ignore[attr-defined]  # tests and the demo call this

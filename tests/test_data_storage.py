@@ -87,3 +87,31 @@ def test_a_pipeline_step_finds_the_endpoint_in_the_mounted_secret(s3_bucket, s3_
         assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
     finally:
         storage.s3_client.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["2016-06-15T17:18:37.000Z", "2016-06-15T17:18:37Z", "2026-12-02T18:31:18.123456Z",
+                                   "Wed, 02 Dec 2026 18:31:18 GMT", 1700000000, "1700000000",
+                                   "2016-06-15T17:18:37+02:00", "2016-06-15T17:18:37.5Z"])
+def test_timestamps_parse_as_botocore_parses_them(value):
+    from botocore.utils import parse_timestamp
+
+    assert storage.parse_timestamp(value) == parse_timestamp(value)
+    assert storage.parse_timestamp(value).utcoffset() == parse_timestamp(value).utcoffset()
+
+
+def test_listing_times_equal_botocore_default_clients(s3_bucket, monkeypatch):
+    """The clients parse S3's timestamps with the fast path (dateutil cost more CPU than the
+    copy in a whole-bucket listing), to the same values a plain boto3 client gets."""
+    import boto3
+
+    for i in range(3):
+        storage.write_bytes(f"s3://{s3_bucket}/k{i}", b"x")
+    parsed = []
+    fast = storage.parse_timestamp
+    monkeypatch.setattr(storage, "parse_timestamp", lambda v: parsed.append(v) or fast(v))
+    storage.s3_client.cache_clear()  # a client made now binds the parser
+    ours = storage.s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    plain = boto3.session.Session().client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert len(parsed) == 3 and all(v.endswith("Z") for v in parsed)  # S3 lists ISO 8601 times
+    assert [o["LastModified"] for o in ours] == [o["LastModified"] for o in plain]
+    storage.s3_client.cache_clear()
