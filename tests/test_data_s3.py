@@ -402,3 +402,19 @@ def test_s5cmd_relays_to_an_s3_destination_on_another_endpoint(s3_bucket, other_
                      dest_endpoint_url=other_endpoint)
     assert again["objects_uploaded_via_s5cmd"] == 0 and again["selected"] == runs["auto"]["selected"]
     assert again["objects_unchanged"] == 2 * again["selected"]
+
+
+def test_s5cmd_report_lines_survive_batched_reads():
+    """s5cmd's report is read in batches (one wakeup per batch, not per copy): lines split across
+    writes, several lines per read, and a last line without a newline all come out whole."""
+    from bincounter.data.download import _lines
+
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "for part in (b'{\"a\":1}\\n{\"b\"', b':2}\\n', b'{\"c\":3}\\n{\"d\":4}\\n{\"e\"', b':5}'):\n"
+        "    os.write(1, part); time.sleep(0.05)\n")], stdout=subprocess.PIPE)
+    try:
+        got = [json.loads(line) for line in _lines(writer.stdout, pause=0.03)]
+    finally:
+        writer.wait(10)
+    assert got == [{"a": 1}, {"b": 2}, {"c": 3}, {"d": 4}, {"e": 5}]

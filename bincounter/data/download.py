@@ -318,11 +318,11 @@ class _S5cmd:
                             for src, dst in pairs))  # no shell reads this file: no quoting
         try:
             with tempfile.TemporaryFile("w+", dir=scratch) as err, \
-                    subprocess.Popen(self.cmd + ["run", f.name], stdout=subprocess.PIPE, stderr=err, text=True,
+                    subprocess.Popen(self.cmd + ["run", f.name], stdout=subprocess.PIPE, stderr=err,
                                      preexec_fn=_die_with_parent) as proc:
                 finished = False
                 try:
-                    for line in proc.stdout:  # one JSON document per finished operation
+                    for line in _lines(proc.stdout):  # one JSON document per finished operation
                         try:
                             doc = json.loads(line)
                         except ValueError:
@@ -339,6 +339,20 @@ class _S5cmd:
                     raise RuntimeError(f"s5cmd exited {returncode}: {err.read().strip()[-500:]}")
         finally:
             Path(f.name).unlink(missing_ok=True)
+
+
+def _lines(pipe, pause: float = 0.01) -> Iterator[bytes]:
+    """The lines of ``pipe``, read in batches: a short pause between reads lets the lines of many
+    finished copies collect in the pipe, so this process wakes once per batch, not per object
+    (waking per line cost more CPU than checking the objects did). s5cmd writes ~200 bytes per
+    copy: at 10,000 copies/s a pause collects ~20 KB, a third of Linux's 64 KiB pipe buffer."""
+    fd, rest = pipe.fileno(), b""
+    while chunk := os.read(fd, 1 << 20):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+        time.sleep(pause)
+    if rest:
+        yield rest
 
 
 def _read(path: str) -> bytes:
