@@ -404,6 +404,46 @@ def test_s5cmd_relays_to_an_s3_destination_on_another_endpoint(s3_bucket, other_
     assert again["objects_unchanged"] == 2 * again["selected"]
 
 
+def test_whole_prefix_relay_uploads_in_batches_while_s5cmd_copies(s3_bucket, other_endpoint, tmp_path, monkeypatch):
+    """No selection and an empty S3 dest: s5cmd copies the prefix by wildcard into the relay
+    folder, and the checked bins go up every RELAY_BATCH bins (3 here) while it copies. Bad
+    records are reported as the Python engine reports them, and the bytes at the dest are equal."""
+    import tempfile
+
+    from bincounter.data import download as dl
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(dl, "RELAY_BATCH", 3)
+    sources, uploads = [], []
+    stream = dl._S5cmd.stream
+
+    def spy(self, pairs, scratch):
+        (uploads if storage.is_s3(pairs[0][1]) else sources).append([src for src, _ in pairs])
+        return stream(self, pairs, scratch)
+
+    monkeypatch.setattr(dl._S5cmd, "stream", spy)
+    src = f"s3://{s3_bucket}/whole"
+    synthesize(src, images=14, max_count=4, seed=4)
+    write_bad_records(tmp_path / "bad")
+    _upload_tree(tmp_path / "bad", src)
+    storage.s3_client(other_endpoint).create_bucket(Bucket="whole")
+    runs = {engine: download(dest=f"s3://whole/{engine}", source=src, workers=4, progress=False,
+                             engine=engine, dest_endpoint_url=other_endpoint) for engine in ("python", "s5cmd")}
+    assert sources == [[f"{src}/{abid.METADATA_DIR}/*", f"{src}/{abid.IMAGES_DIR}/*"]]  # one wildcard copy
+    good = runs["s5cmd"]["objects_uploaded_via_s5cmd"] // 2
+    assert good >= 14 and len(uploads) == 2 * -(-good // 3)  # images, then metadata, per batch of 3
+    manifests = {e: json.loads(storage.read_bytes(f"s3://whole/{e}/manifest.json", endpoint_url=other_endpoint))
+                 for e in runs}
+    assert manifests["s5cmd"]["records"] == manifests["python"]["records"]
+    assert manifests["s5cmd"]["skipped"] == manifests["python"]["skipped"] and manifests["python"]["skipped"]
+    data = {e: {rel: storage.read_bytes(f"s3://whole/{e}/{rel}", endpoint_url=other_endpoint)
+                for rel, _ in storage.list_files(f"s3://whole/{e}", endpoint_url=other_endpoint) if "/" in rel}
+            for e in runs}
+    assert data["s5cmd"] == data["python"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_s5cmd_report_lines_survive_batched_reads():
     """s5cmd's report is read in batches (one wakeup per batch, not per copy): lines split across
     writes, several lines per read, and a last line without a newline all come out whole."""

