@@ -444,6 +444,25 @@ def test_whole_prefix_relay_uploads_in_batches_while_s5cmd_copies(s3_bucket, oth
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_relay_folders_of_killed_downloads_are_removed(tmp_path, monkeypatch):
+    """A SIGKILLed relay leaves its folder in the temp dir; the next relay removes it, and only
+    the folders whose process is gone."""
+    import tempfile
+
+    from bincounter.data import download as dl
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, other = (tmp_path / f"{dl.RELAY_PREFIX}{dead.pid}-x1", tmp_path / f"{dl.RELAY_PREFIX}{os.getpid()}-x2",
+                          tmp_path / "unrelated-1")
+    for d in (stale, live, other):
+        (d / abid.IMAGES_DIR).mkdir(parents=True)
+        (d / abid.IMAGES_DIR / "00001.jpg").write_bytes(b"x")
+    dl._clean_relays()
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 def test_s5cmd_report_lines_survive_batched_reads():
     """s5cmd's report is read in batches (one wakeup per batch, not per copy): lines split across
     writes, several lines per read, and a last line without a newline all come out whole."""

@@ -286,7 +286,7 @@ def select_candidates(*, source: str, file_list: str | None = None, split_files:
 
 
 STAGING = ".staging"  # under a local dest: s5cmd's downloads, before validation (same filesystem: rename is atomic)
-RELAY_PREFIX = "bincounter-relay-"  # for an S3 dest: a local temp folder holding one batch between download and upload
+RELAY_PREFIX = "bincounter-relay-"  # for an S3 dest: a local temp folder, bincounter-relay-<pid>-*, between download and upload
 RELAY_BATCH = 1000  # bins per upload in a whole-prefix relay
 _S5CMD_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")  # ids s5cmd reads literally (no wildcards, no spaces)
 
@@ -379,6 +379,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the batch still finishes or fails on its own
+
+
+def _clean_relays() -> None:
+    """Remove the relay folders of downloads that were killed (their pid is gone): nothing in
+    them was uploaded yet, the next run fetches those bins again."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{RELAY_PREFIX}*-*"):
+        pid = folder.name[len(RELAY_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _clean_partials(dest: str) -> int:
@@ -695,7 +710,8 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
     with ThreadPoolExecutor(workers) as pool:
         if engine == "s5cmd":
             if relay:
-                staging = Path(tempfile.mkdtemp(prefix=RELAY_PREFIX))
+                _clean_relays()
+                staging = Path(tempfile.mkdtemp(prefix=f"{RELAY_PREFIX}{os.getpid()}-"))
             try:
                 s5cmd = _S5cmd(endpoint_url, unsigned, workers)
                 if relay:
