@@ -129,8 +129,8 @@ def bincounter_pipeline(
         # The result depends on the remote bucket, not on these inputs: never reuse an old one.
         download_task.set_caching_options(False)
         download_task.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-        # s5cmd, the transfer engine, spreads its ~1.6 CPU-ms per object over the cores it gets:
-        # 4 cover ~2,000 objects/s of CPU (docs/data.md). The Python engine would use one.
+        # s5cmd, the transfer engine, spreads the relay's 3-5 CPU-ms per object over the cores it
+        # gets: 4 cover ~1,000 objects/s (docs/data.md). The Python engine would use one.
         download_task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("2G").set_memory_limit("4G")
 
         split_task = _on_cluster(split(

@@ -1,8 +1,8 @@
 """Benchmark the data path on this machine and write docs/benchmarks/data.md.
 
 Every figure is a ratio against a named baseline measured in the same run, repeats interleaved
-(baseline, candidate, baseline, ...) so that load from other jobs hits both alike; min and
-median over ``--repeats``.
+(baseline, candidate, ..., then the next repeat in rotated order) so that load from other jobs
+hits all alike; min and median over ``--repeats``.
 
 1. **Download**, S3 endpoint (``moto_server`` in its own process on 127.0.0.1) -> local folder,
    16 in flight: ``s5cmd cp 's3://bucket/abid/*'`` (baseline: the tool a user would pick) against
@@ -129,11 +129,13 @@ def _cpu() -> tuple[float, float]:
 
 
 def interleaved(variants: dict, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Run each variant ``repeats`` times, alternating; wall and CPU seconds per run (``cpu``:
+    """Run each variant ``repeats`` times, alternating in rotated order; wall and CPU seconds per run (``cpu``:
     this process and its children, ``self``: this process alone)."""
     out = {name: {"wall": [], "cpu": [], "self": []} for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: no variant always follows another
+            fn = variants[name]
             (s0, k0), t0 = _cpu(), time.perf_counter()
             fn()
             (s1, k1), t1 = _cpu(), time.perf_counter()
