@@ -654,6 +654,12 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
             uploaded = upload(pending)
             landed.update((i, None) for i in pending if i not in uploaded)  # one() decides
             pending.clear()
+
+        def arrive(id_: str) -> None:
+            landed[id_] = land_arrived(id_)
+            if relay and isinstance(landed[id_], dict):
+                pending.append(id_)
+
         copies = s5cmd.stream([(meta_prefix + "*", staging / abid.METADATA_DIR),
                                (img_prefix + "*", staging / abid.IMAGES_DIR)], staging)
         for uri in copies:
@@ -666,20 +672,16 @@ def download(*, dest: str, source: str = DEFAULT_SOURCE, file_list: str | None =
                 continue
             halves[id_] += 1
             if halves[id_] == 2 and "/" not in id_:  # (objects in subfolders are no bins)
-                landed[id_] = land_arrived(id_)  # inline: s5cmd's output pipe buffers meanwhile
-                if relay and isinstance(landed[id_], dict):
-                    pending.append(id_)
-                    if len(pending) >= RELAY_BATCH:
-                        send()
+                arrive(id_)  # inline: s5cmd's output pipe buffers meanwhile
+                if len(pending) >= RELAY_BATCH:
+                    send()
         if s5cmd.returncode == 0:
             bins = [(i, None) for i in metas if "/" not in i]
         else:
             bins = list(candidates)
         for i, _ in bins:
             if i not in landed:
-                landed[i] = land_arrived(i)
-                if relay and isinstance(landed[i], dict):
-                    pending.append(i)
+                arrive(i)
         send()
         outs, rest = [], []
         for bin_ in bins:
